@@ -1,0 +1,78 @@
+"""``gptforge model info``: parameters, FLOPs per token and memory estimates for a preset or checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from gptforge.commands import add_parser
+
+
+def register(sub) -> None:
+    p = sub.add_parser("model", help="inspect model shapes, sizes and memory needs")
+    msub = p.add_subparsers(dest="model_command", metavar="<action>", required=True)
+    info = add_parser(msub, "info", "parameters, FLOPs/token and training/inference memory estimates",
+                      "gptforge model info --preset gpt2 --micro-batch 16 --seq-len 1024 --precision bf16")
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="named preset (gpt2, gpt2-medium, ..., tiny, mini)")
+    src.add_argument("--checkpoint", default=None, help="checkpoint, run directory or HF GPT-2 directory")
+    info.add_argument("--micro-batch", type=int, default=8)
+    info.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
+    info.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    info.add_argument("--no-flash", action="store_true", help="attention without fused kernels (stores scores)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    info.set_defaults(func=run_info)
+
+
+def _config_from_args(args):
+    import yaml
+
+    from gptforge.errors import GptforgeError
+    from gptforge.model import GPTConfig, preset
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise GptforgeError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    if args.checkpoint:
+        from gptforge.checkpoint import is_hf_directory, read_model_config, resolve_checkpoint
+
+        d = resolve_checkpoint(args.checkpoint)
+        if is_hf_directory(d):
+            from gptforge.hf import config_from_hf
+
+            return config_from_hf(json.loads((d / "config.json").read_text()), str(d))
+        return GPTConfig(**{**read_model_config(d)["model"], **overrides})
+    from gptforge.config import from_dict
+    from gptforge.model import PRESETS
+
+    name = args.preset or "gpt2"
+    if name not in PRESETS:
+        preset(name)  # raises the clear error
+    return from_dict(GPTConfig, {**PRESETS[name], **overrides}, where="model")
+
+
+def run_info(args) -> int:
+    from gptforge.memory import human_bytes, human_count, model_summary, training_memory
+
+    config = _config_from_args(args)
+    s = model_summary(config, args.micro_batch, args.seq_len, args.precision)
+    train = training_memory(config, args.micro_batch, s["seq_len"], args.precision, flash=not args.no_flash)
+    if args.json:
+        out = {**s, "training": {k: v for k, v in train.rows()}}
+        print(json.dumps(out, indent=2))
+        return 0
+    c = config
+    print(f"model: {c.n_layer} layers, {c.n_head} heads, d={c.n_embd}, context {c.block_size}, vocab {c.vocab_size}, "
+          f"tied={c.tie_embeddings}, bias={c.bias}, qkv_bias={c.qkv_bias}")
+    print(f"parameters: {s['params']:,} ({human_count(s['params'])}); non-embedding {s['params_non_embedding']:,}")
+    print(f"training FLOPs/token at T={s['seq_len']}: {s['flops_per_token']:.3e} (6N + 12·L·d·T)")
+    print(f"training memory, micro-batch {args.micro_batch} × {s['seq_len']} tokens, {args.precision}, AdamW:")
+    for name, value in train.rows():
+        print(f"  {name:<20} {human_bytes(value):>12}")
+    print(f"inference memory, batch 1 × {s['seq_len']} tokens, {args.precision} weights + KV cache:")
+    for name, value in s["inference"].items():
+        print(f"  {name:<20} {human_bytes(value):>12}")
+    return 0

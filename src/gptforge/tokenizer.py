@@ -1,0 +1,297 @@
+"""One tokenizer interface over two backends: a trained byte-level BPE (HF ``tokenizers``) and GPT-2 (``tiktoken``).
+
+A tokenizer is saved as a directory: ``tokenizer_config.json`` (backend, special tokens, chat template) plus
+``tokenizer.json`` for the BPE backend. ``load_tokenizer`` accepts such a directory, a bare ``tokenizer.json``,
+or the name ``gpt2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from gptforge.errors import GptforgeError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+# Chat tokens used by the SFT chat template (ChatML-like).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHAT_TOKENS = (IM_START, IM_END)
+
+# GPT-2's pre-tokenization regex (as in tiktoken's r50k_base / gpt2 encodings).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """Common interface. Backends implement ``_encode``, ``_encode_batch``, ``decode``, ``id_to_piece``."""
+
+    name: str
+    kind: str
+    special_tokens: dict[str, int]
+    chat_template: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens[EOT]
+
+    @property
+    def pad_id(self) -> int:
+        """The pad id: ``<|pad|>`` when the vocabulary has one, else end-of-text (padding is always masked)."""
+        return self.special_tokens.get(PAD, self.eot_id)
+
+    def token_id(self, token: str) -> int:
+        if token not in self.special_tokens:
+            raise GptforgeError(f"tokenizer {self.name!r} has no special token {token!r}")
+        return self.special_tokens[token]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``. Special-token strings are plain text unless ``allow_special``."""
+        return self._encode(text, allow_special)
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False, num_threads: int = 0) -> list[list[int]]:
+        """Encode many texts with the backend's native threads."""
+        return self._encode_batch(texts, allow_special, num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_batch(self, texts, allow_special, num_threads) -> list[list[int]]:
+        return [self._encode(t, allow_special) for t in texts]
+
+    def add_special_tokens(self, tokens: list[str] | tuple[str, ...]) -> list[str]:
+        """Append special tokens not yet present (ids after the current vocabulary); returns the added ones."""
+        raise NotImplementedError
+
+    def content_hash(self) -> str:
+        """A short hash of everything that affects ids (vocabulary, merges, special tokens)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "vocab_size": self.vocab_size, "hash": self.content_hash(),
+                "special_tokens": dict(self.special_tokens)}
+
+
+# ---- GPT-2 through tiktoken --------------------------------------------------------------------------------
+
+
+def find_gpt2_ranks(explicit: str | Path | None = None) -> Path | None:
+    """Locate a local ``r50k_base.tiktoken`` (explicit path/dir, then ``$GPTFORGE_DATA_DIR/tokenizers/gpt2``)."""
+    candidates = []
+    if explicit:
+        p = Path(explicit)
+        candidates += [p, p / "r50k_base.tiktoken"]
+    data_dir = os.environ.get("GPTFORGE_DATA_DIR")
+    if data_dir:
+        candidates.append(Path(data_dir) / "tokenizers" / "gpt2" / "r50k_base.tiktoken")
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's BPE via tiktoken, with optional extra special tokens appended after id 50256."""
+
+    kind = "tiktoken"
+
+    def __init__(self, extra_special: list[str] | None = None, ranks_path: str | Path | None = None):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        self.name = "gpt2"
+        path = find_gpt2_ranks(ranks_path)
+        if path is not None:
+            ranks = load_tiktoken_bpe(str(path))
+        else:
+            try:
+                ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
+            except Exception as e:  # offline without a local copy
+                raise GptforgeError(
+                    "cannot load the GPT-2 vocabulary: set GPTFORGE_DATA_DIR to a data directory with "
+                    "tokenizers/gpt2/r50k_base.tiktoken, or TIKTOKEN_CACHE_DIR to a tiktoken cache, "
+                    f"or go online once ({type(e).__name__})"
+                ) from None
+        self._ranks = ranks
+        self.special_tokens = {EOT: 50256}
+        for tok in extra_special or []:
+            if tok not in self.special_tokens:
+                self.special_tokens[tok] = 50256 + len(self.special_tokens)
+        self._enc = tiktoken.Encoding(
+            name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def _encode(self, text, allow_special):
+        return self._enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+
+    def _encode_batch(self, texts, allow_special, num_threads):
+        return self._enc.encode_batch(
+            texts, num_threads=num_threads, allowed_special="all" if allow_special else set(), disallowed_special=()
+        )
+
+    def decode(self, ids):
+        return self._enc.decode(list(ids))
+
+    def decode_bytes(self, ids) -> bytes:
+        return self._enc.decode_bytes(list(ids))
+
+    def id_to_piece(self, token_id):
+        return self._enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def add_special_tokens(self, tokens):
+        added = [t for t in tokens if t not in self.special_tokens]
+        if added:
+            self.__init__(extra_special=[t for t in self.special_tokens if t != EOT] + added)
+        return added
+
+    def content_hash(self):
+        h = hashlib.sha256(b"tiktoken-gpt2")
+        h.update(json.dumps(self.special_tokens, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = {"kind": self.kind, "name": self.name, "special_tokens": self.special_tokens,
+               "chat_template": self.chat_template}
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        return directory
+
+
+# ---- trained byte-level BPE through HF tokenizers ----------------------------------------------------------
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE saved as ``tokenizer.json`` (HF ``tokenizers``)."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer, name: str = "bpe"):
+        self._tok = hf_tokenizer
+        self.name = name
+        self.special_tokens = {t.content: i for i, t in sorted(hf_tokenizer.get_added_tokens_decoder().items())}
+        if EOT not in self.special_tokens:
+            raise GptforgeError(f"tokenizer {name!r} has no {EOT} special token; retrain it with one")
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise GptforgeError(f"cannot read tokenizer file {path}: {e}") from None
+        return cls(tok, name or path.parent.name or "bpe")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, text, allow_special):
+        if allow_special:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text):
+        # Treat special-token strings as text: split around them and encode each piece without special matching.
+        pieces = _split_specials(text, self.special_tokens)
+        ids: list[int] = []
+        for piece, is_special in pieces:
+            if is_special:
+                ids.extend(self._encode_without_specials(piece))
+            elif piece:
+                ids.extend(self._tok.encode(piece, add_special_tokens=False).ids)
+        return ids
+
+    def _encode_without_specials(self, text):
+        # Encode a special-token string as ordinary bytes by breaking it after its first character.
+        head, tail = text[:1], text[1:]
+        return self._tok.encode(head, add_special_tokens=False).ids + self._tok.encode(tail, add_special_tokens=False).ids
+
+    def _encode_batch(self, texts, allow_special, num_threads):
+        if not allow_special and any(s in t for t in texts for s in self.special_tokens):
+            return [self._encode_plain(t) for t in texts]
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_threads))
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_piece(self, token_id):
+        return self.decode([token_id])
+
+    def add_special_tokens(self, tokens):
+        from tokenizers import AddedToken
+
+        added = [t for t in tokens if t not in self.special_tokens]
+        if added:
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+            self.special_tokens = {t.content: i for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        return added
+
+    def content_hash(self):
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        cfg = {"kind": self.kind, "name": self.name, "special_tokens": self.special_tokens,
+               "chat_template": self.chat_template}
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        return directory
+
+
+def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[str, bool]]:
+    """Split ``text`` into (piece, is_special_string) around occurrences of special-token strings."""
+    import re
+
+    if not specials:
+        return [(text, False)]
+    pattern = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+    out = []
+    for i, part in enumerate(pattern.split(text)):
+        out.append((part, i % 2 == 1))
+    return out
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """``gpt2`` → tiktoken GPT-2; a directory with ``tokenizer_config.json``/``tokenizer.json``; or a ``tokenizer.json``."""
+    spec_str = str(spec)
+    if spec_str == "gpt2":
+        return TiktokenTokenizer()
+    path = Path(spec_str)
+    if path.is_dir():
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        if cfg.get("kind") == "tiktoken":
+            tok: Tokenizer = TiktokenTokenizer(extra_special=[t for t in cfg.get("special_tokens", {}) if t != EOT])
+        elif (path / "tokenizer.json").is_file():
+            tok = BPETokenizer.from_file(path / "tokenizer.json", name=cfg.get("name"))
+        else:
+            raise GptforgeError(f"{path} holds no tokenizer (expected tokenizer_config.json or tokenizer.json)")
+        tok.chat_template = cfg.get("chat_template")
+        return tok
+    if path.is_file():
+        return BPETokenizer.from_file(path)
+    raise GptforgeError(f"tokenizer not found: {spec_str!r} (use 'gpt2', a tokenizer directory or a tokenizer.json)")
