@@ -1,0 +1,23 @@
+"""``gptforge import``: a Hugging Face GPT-2 directory → a gptforge checkpoint."""
+
+from gptforge.commands import add_parser
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "import", "import a Hugging Face GPT-2 directory as a gptforge checkpoint",
+                   "gptforge import ~/models/gpt2 --out ckpt/gpt2")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from gptforge.checkpoint import save_model
+    from gptforge.hf import import_hf
+
+    model, tokenizer = import_hf(Path(args.hf_dir))
+    out = save_model(args.out, model, tokenizer, extra={"source": str(args.hf_dir)})
+    print(f"imported {args.hf_dir} ({model.num_params():,} parameters) → {out}")
+    return 0

@@ -1,0 +1,94 @@
+"""Token shard files: a fixed 256-byte header, then raw little-endian token ids.
+
+Header layout (little-endian): magic ``b"GPTFSHRD"`` (8 bytes), format version (uint32), bytes per token
+(uint32: 2 for uint16, 4 for uint32), token count (uint64), zero padding to 256 bytes. Shards are named
+``{split}_{index:05d}.bin`` and read with ``numpy.memmap``; ``manifest.json`` beside them describes the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from gptforge.errors import GptforgeError
+
+MAGIC = b"GPTFSHRD"
+VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQ")
+MANIFEST = "manifest.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab ≤ 65,536), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.bin"
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``tokens`` with a header to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    arr = np.ascontiguousarray(tokens, dtype=dtype)
+    header = _HEADER.pack(MAGIC, VERSION, arr.dtype.itemsize, arr.size).ljust(HEADER_BYTES, b"\0")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(arr.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> tuple[np.dtype, int]:
+    """(dtype, token count) of a shard; a clear error for files that are not shards or are truncated."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise GptforgeError(f"cannot read shard {path}: {e}") from None
+    if len(raw) < _HEADER.size:
+        raise GptforgeError(f"{path} is not a gptforge shard (file too short)")
+    magic, version, itemsize, count = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise GptforgeError(f"{path} is not a gptforge shard (bad magic); prepare data with `gptforge data prepare`")
+    if version != VERSION:
+        raise GptforgeError(f"{path}: shard format version {version}, this gptforge reads version {VERSION}")
+    if itemsize not in (2, 4):
+        raise GptforgeError(f"{path}: invalid token width {itemsize}")
+    expected = HEADER_BYTES + itemsize * count
+    if path.stat().st_size != expected:
+        raise GptforgeError(f"{path} is truncated or corrupt: {path.stat().st_size} bytes, header says {expected}")
+    return np.dtype("<u2" if itemsize == 2 else "<u4"), count
+
+
+def read_shard(path: str | Path) -> np.memmap:
+    """Memory-map a shard's tokens (read-only)."""
+    dtype, count = read_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def list_shards(directory: str | Path, split: str) -> list[Path]:
+    """Shards of ``split`` in order; a clear error when there are none."""
+    directory = Path(directory)
+    shards = sorted(directory.glob(f"{split}_*.bin"))
+    if not shards:
+        raise GptforgeError(f"no {split} shards in {directory}; run `gptforge data prepare ... --out {directory}`")
+    return shards
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise GptforgeError(f"{path} not found: {directory} is not a prepared dataset")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptforgeError(f"{path} is not valid JSON ({e})") from None
