@@ -1,19 +1,28 @@
-"""``gptforge export``: a checkpoint → a Hugging Face GPT-2 directory."""
+"""``gptforge export``: a checkpoint → a Hugging Face GPT-2 directory (+ model card), optionally pushed to the Hub."""
 
 from gptforge.commands import add_parser
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "export", "export a checkpoint as a Hugging Face GPT2LMHeadModel directory",
-                   "gptforge export --checkpoint runs/mini --out hf/mini")
+    p = add_parser(sub, "export", "export a checkpoint as a Hugging Face GPT2LMHeadModel directory with a model card",
+                   "gptforge export --checkpoint runs/quickstart/sft --out hf/my-model --push-to-hub me/my-model")
     p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir or HF directory")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                   help="upload the exported folder to this Hub model repo (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--license", default="apache-2.0", help="license id for the model card")
+    p.add_argument("--dataset", action="append", default=None, help="Hub dataset id used for training (repeatable)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from gptforge.hf import export_checkpoint
+    from gptforge.publish import export_with_card, push_to_hub
 
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} → {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    out = export_with_card(args.checkpoint, args.out, repo_id=args.push_to_hub, license=args.license,
+                           datasets=args.dataset)
+    print(f"exported {args.checkpoint} → {out} (weights, config, tokenizer, generation config, README.md model card)")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"uploaded to {url}")
     return 0
