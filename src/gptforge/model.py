@@ -208,6 +208,7 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         inputs_embeds_hook=None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, T, V)`` and, with ``targets``, the mean cross-entropy over targets != -100.
 
@@ -215,6 +216,7 @@ class GPT(nn.Module):
         or a boolean ``(B, 1, T, S)`` mask (True = may attend) for packed sequences.
         ``position_ids`` default to counting real tokens, so left-padded rows start at position 0.
         ``inputs_embeds_hook(x) -> x`` may alter the token embeddings (NEFTune noise during fine-tuning).
+        ``logits_to_keep=k > 0`` computes logits for the last ``k`` positions only (generation's prefill).
         """
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -237,6 +239,8 @@ class GPT(nn.Module):
             x = block(x, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.transformer.ln_f(x))
 
         loss = None
