@@ -1,0 +1,384 @@
+"""Batched generation with a preallocated KV cache: the one inference path behind generate, chat and serve.
+
+Prompts of different lengths are left-padded into one batch with an attention mask; the model's positions count
+real tokens only, so padding changes nothing. Each sequence stops on its own (end-of-text / end-of-turn ids,
+stop strings, ``max_new_tokens``, the context limit, or its ``on_token`` callback returning False); finished rows
+leave the batch (the cache is compacted), so the rest decode faster. Sampling follows Hugging Face semantics
+(see :mod:`gptforge.sampling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT, KVCache
+from gptforge.sampling import choose_tokens, process_logits, row_settings
+from gptforge.tokenizer import IM_END, IM_START, Tokenizer
+
+CONTEXT_POLICIES = ("error", "slide")
+
+
+@dataclass
+class SamplingParams:
+    """How to continue a prompt. Defaults: plain sampling at temperature 1, 128 new tokens."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 → greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics: >1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    stop_token_ids: list[int] = field(default_factory=list)  # added to the tokenizer's EOT and <|im_end|>
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = False
+
+    def validate(self) -> "SamplingParams":
+        """Raise :class:`GptforgeError` for values no sampler accepts."""
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer ≥ 1"),
+            (self.temperature >= 0, "temperature must be ≥ 0 (0 = greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer ≥ 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GptforgeError(f"invalid sampling setting: {message}")
+        return self
+
+
+@dataclass
+class Completion:
+    """One generated continuation. ``token_ids`` include a final stop token; ``text`` excludes stops."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    logprobs: list[float] | None = None  # log-probability of each chosen token under the model (unprocessed)
+
+
+OnToken = Callable[[int, int, str], "bool | None"]
+
+
+class _Row:
+    """Book-keeping for one sequence while it decodes."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, stop_ids: set[int], limit: int):
+        self.index = index
+        self.prompt = prompt
+        self.params = params
+        self.stop_ids = stop_ids
+        self.limit = limit  # new tokens allowed (max_new_tokens, capped by the context)
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""  # decoded so far (only tracked when streaming or matching stop strings)
+        self.emitted = 0  # characters of text already handed to on_token
+        self.finish: str | None = None
+        self.final_text: str | None = None
+
+
+class Engine:
+    """Generation over a :class:`GPT` and its tokenizer. Thread-compatible: one call at a time per engine."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device="cpu", dtype=None, context_policy: str = "error"):
+        if context_policy not in CONTEXT_POLICIES:
+            raise GptforgeError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
+        if tokenizer is None:
+            raise GptforgeError("the engine needs a tokenizer; the checkpoint has no tokenizer/ directory")
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.context_policy = context_policy
+        self.block_size = model.config.block_size
+        self.base_stop_ids = {tokenizer.eot_id}
+        if IM_END in tokenizer.special_tokens:
+            self.base_stop_ids.add(tokenizer.special_tokens[IM_END])
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error") -> "Engine":
+        """Load any checkpoint form (step dir, run dir, HF directory) into an engine."""
+        from gptforge.checkpoint import load_model
+
+        model, tokenizer, meta = load_model(path, device="cpu")
+        engine = cls(model, tokenizer, device=device, dtype=dtype, context_policy=context_policy)
+        engine.meta = meta
+        return engine
+
+    # ---- prompts ------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, allow_special=True)
+        ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise GptforgeError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        return ids
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int, index: int = 0) -> list[int]:
+        """Apply the context policy: a prompt that leaves no room to generate is an error or keeps its tail."""
+        if not ids:
+            raise GptforgeError(f"prompt {index} is empty; give at least one token")
+        if len(ids) < self.block_size:
+            return ids
+        if self.context_policy == "error":
+            raise GptforgeError(
+                f"prompt {index} has {len(ids)} tokens but the model's context is {self.block_size}; shorten it "
+                "or use context_policy='slide' (--context-policy slide) to keep its last tokens")
+        keep = self.block_size - min(max_new_tokens, self.block_size // 2)
+        return ids[-keep:]
+
+    def render_chat(self, messages: list[dict]) -> str:
+        from gptforge.chat_template import render_chat
+
+        if not messages:
+            raise GptforgeError("messages is empty; give at least one {'role': 'user', 'content': ...} message")
+        return render_chat(messages, self.chat_template, add_generation_prompt=True)
+
+    def chat_params(self, params: SamplingParams | None) -> SamplingParams:
+        """Chat stops at end-of-turn; a tokenizer without chat tokens can only stop on their text."""
+        params = dataclasses.replace(params or SamplingParams())
+        missing = [t for t in (IM_END, IM_START) if t not in self.tokenizer.special_tokens]
+        params.stop_strings = list(params.stop_strings) + [t for t in missing if t not in params.stop_strings]
+        return params
+
+    # ---- public API ---------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 on_token: OnToken | None = None) -> list[Completion]:
+        """Continue every prompt; returns one :class:`Completion` per prompt, in order.
+
+        ``params`` is one setting for all prompts (with ``seed`` s, row i is seeded s + i so identical prompts
+        give different, reproducible samples) or a list with one per prompt (seeds used as given).
+        ``on_token(index, token_id, text_delta)`` is called for every new token; returning False stops that row.
+        """
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            raise GptforgeError("generate() takes a list of prompts; wrap a single prompt in a list")
+        if not prompts:
+            return []
+        if params is None or isinstance(params, SamplingParams):
+            base = (params or SamplingParams()).validate()
+            per_row = [dataclasses.replace(base, seed=None if base.seed is None else base.seed + i)
+                       for i in range(len(prompts))]
+        else:
+            if len(params) != len(prompts):
+                raise GptforgeError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
+            per_row = [p.validate() for p in params]
+        rows = []
+        for i, (prompt, p) in enumerate(zip(prompts, per_row)):
+            ids = self.fit_prompt(self.encode_prompt(prompt), p.max_new_tokens, i)
+            stop_ids = self.base_stop_ids | set(p.stop_token_ids)
+            rows.append(_Row(i, ids, p, stop_ids, min(p.max_new_tokens, self.block_size - len(ids))))
+        with self.lock, torch.inference_mode():
+            for group in self._plan_batches(rows):
+                self._decode(group, on_token)
+        return [self._completion(r) for r in rows]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one continuation as they are generated (stop strings never leak into them).
+
+        Closing the iterator early (``break``) cancels the generation.
+        """
+        deltas: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        done = object()
+        self.last_completion: Completion | None = None
+
+        def on_token(_i, _tok, delta):
+            if delta:
+                deltas.put(delta)
+            return not cancelled.is_set()
+
+        def worker():
+            try:
+                self.last_completion = self.generate([prompt], params, on_token=on_token)[0]
+                deltas.put(done)
+            except BaseException as e:  # hand the error to the consumer
+                deltas.put(e)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = deltas.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            thread.join()
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             on_token: OnToken | None = None) -> Completion:
+        """Reply to a conversation rendered with the tokenizer's chat template (default ChatML)."""
+        return self.generate([self.render_chat(messages)], self.chat_params(params), on_token=on_token)[0]
+
+    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> list[dict]:
+        """Drop the oldest non-system turns until the rendered conversation leaves ``max_new_tokens`` of room."""
+        messages = list(messages)
+        budget = self.block_size - min(max_new_tokens, self.block_size // 2)
+        while True:
+            n = len(self.encode_prompt(self.render_chat(messages)))
+            droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
+            if n <= budget or not droppable:
+                return messages
+            del messages[droppable[0]]
+
+    # ---- decoding -----------------------------------------------------------------------------------
+
+    def _plan_batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Group rows so that left padding never eats into a row's own context budget."""
+        groups: list[list[_Row]] = []
+        longest = budget = 0
+        for row in sorted(rows, key=lambda r: -len(r.prompt)):
+            need = max(budget, row.limit)
+            if groups and max(longest, len(row.prompt)) + need <= self.block_size:
+                groups[-1].append(row)
+                budget = need
+            else:
+                groups.append([row])
+                longest, budget = len(row.prompt), row.limit
+        return groups
+
+    def _decode(self, rows: list[_Row], on_token: OnToken | None) -> None:
+        device, model = self.device, self.model
+        B = len(rows)
+        P = max(len(r.prompt) for r in rows)
+        steps = max(r.limit for r in rows)
+        vocab = model.config.vocab_size
+        track_text = on_token is not None or any(r.params.stop_strings for r in rows)
+
+        idx = torch.full((B, P), self.tokenizer.pad_id if self.tokenizer.pad_id < vocab else 0, dtype=torch.long)
+        mask = torch.zeros((B, P + steps), dtype=torch.long)
+        for b, r in enumerate(rows):
+            idx[b, P - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[b, P - len(r.prompt):] = 1  # generated positions are real too
+        idx, mask = idx.to(device), mask.to(device)
+
+        settings = row_settings([r.params for r in rows], device)
+        seen = counts = None
+        if settings.any_repetition:
+            seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
+            for b, r in enumerate(rows):
+                seen[b, torch.tensor(r.prompt, device=device)] = True
+        if settings.any_presence_frequency:
+            counts = torch.zeros((B, vocab), dtype=torch.int32, device=device)
+        generators = [self._generator(r.params.seed) if r.params.temperature > 0 else None for r in rows]
+        want_logprobs = any(r.params.logprobs for r in rows)
+
+        cache = KVCache(model.config, B, P + steps, device=device, dtype=self.dtype)
+        logits = model(idx, attention_mask=mask[:, :P], kv_cache=cache, logits_to_keep=1)[0][:, -1]
+        active = list(range(B))  # positions in `rows` of the rows still in the batch, in batch order
+        for step in range(steps):
+            scores = process_logits(logits, settings, seen, counts)
+            chosen = choose_tokens(scores, settings.greedy, [generators[a] for a in active])
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0] \
+                if want_logprobs else None
+            chosen_list = chosen.tolist()
+            keep = []
+            for j, a in enumerate(active):
+                row, token = rows[a], chosen_list[j]
+                row.ids.append(token)
+                if logprobs is not None:
+                    row.logprobs.append(float(logprobs[j]))
+                self._advance(row, token, track_text, on_token)
+                if row.finish is None:
+                    keep.append(j)
+            if not keep or step == steps - 1:
+                break
+            if seen is not None:
+                seen[torch.arange(len(active), device=device), chosen] = True
+            if counts is not None:
+                counts[torch.arange(len(active), device=device), chosen] += 1
+            if len(keep) < len(active):  # compact: finished rows leave the batch
+                k = torch.tensor(keep, device=device)
+                cache.reorder(k)
+                chosen, mask = chosen[k], mask[k]
+                settings = settings.select(k)
+                seen = seen[k] if seen is not None else None
+                counts = counts[k] if counts is not None else None
+                active = [active[j] for j in keep]
+            logits = model(chosen[:, None], attention_mask=mask[:, : cache.length + 1], kv_cache=cache)[0][:, -1]
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else random.SystemRandom().getrandbits(63))
+        return g
+
+    def _advance(self, row: _Row, token: int, track_text: bool, on_token: OnToken | None) -> None:
+        """Record one token for ``row``: stop checks, text delta, callback."""
+        if token in row.stop_ids:
+            row.finish = "stop"
+        elif len(row.ids) >= row.limit:
+            row.finish = "length"
+        if not track_text:
+            return
+        delta = ""
+        if row.finish != "stop":
+            row.text = self.tokenizer.decode(row.ids)
+            delta = self._release_text(row)
+        elif row.params.stop_strings or on_token:
+            delta = row.text[row.emitted:]  # flush what was held back for a possible stop string
+            row.emitted = len(row.text)
+        if row.finish == "length":  # final flush, including held-back partial characters
+            delta += row.text[row.emitted:]
+            row.emitted = len(row.text)
+        if on_token is not None and (on_token(row.index, token, delta) is False) and row.finish is None:
+            row.finish = "cancelled"
+
+    def _release_text(self, row: _Row) -> str:
+        """The next safe text delta: never part of a stop string, never half a UTF-8 character."""
+        text = row.text
+        stops = row.params.stop_strings
+        if stops:
+            start = max(0, row.emitted - max(len(s) for s in stops))
+            hits = [p for p in (text.find(s, start) for s in stops if s) if p >= 0]
+            if hits:
+                cut = min(hits)
+                row.text = row.final_text = text[:cut]
+                row.finish = "stop"
+                delta = row.text[row.emitted:]
+                row.emitted = len(row.text)
+                return delta
+        safe = len(text)
+        while safe > row.emitted and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+            safe -= 1
+        for s in stops:
+            for k in range(min(len(s) - 1, safe - row.emitted), 0, -1):
+                if s.startswith(text[safe - k:safe]):
+                    safe -= k
+                    break
+        delta = text[row.emitted:safe]
+        row.emitted = max(row.emitted, safe)
+        return delta
+
+    def _completion(self, row: _Row) -> Completion:
+        if row.final_text is not None:
+            text = row.final_text
+        else:
+            ids = row.ids[:-1] if row.finish == "stop" and row.ids and row.ids[-1] in row.stop_ids else row.ids
+            text = self.tokenizer.decode(ids)
+        return Completion(prompt_ids=row.prompt, token_ids=row.ids, text=text, finish_reason=row.finish or "length",
+                          logprobs=row.logprobs if row.params.logprobs else None)

@@ -1,0 +1,132 @@
+"""Logits processing and sampling, one row per sequence, with Hugging Face semantics.
+
+Order (as in ``transformers``' ``generate``): repetition penalty → presence/frequency penalty → temperature →
+top-k → top-p → min-p → sample (or argmax when temperature is 0). Every knob is a per-row tensor, so one batch
+can mix requests with different settings (the server batches unrelated requests together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RowSettings:
+    """Per-row sampling knobs as ``(B, 1)`` tensors (built once per batch by :func:`row_settings`)."""
+
+    temperature: torch.Tensor
+    greedy: torch.Tensor  # (B,) bool: temperature == 0
+    top_k: torch.Tensor  # (B, 1) long, 0 = off
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_repetition: bool
+    any_presence_frequency: bool
+
+    def select(self, index: torch.Tensor) -> "RowSettings":
+        """The settings of the rows in ``index`` (after finished rows leave the batch)."""
+        fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return RowSettings(**fields)
+
+
+def row_settings(params_list, device) -> RowSettings:
+    """Stack per-row :class:`gptforge.engine.SamplingParams` into tensors."""
+    col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
+        [[float(getattr(p, name))] for p in params_list], dtype=dtype, device=device)
+    temperature = col("temperature")
+    greedy = temperature[:, 0] <= 0
+    return RowSettings(
+        temperature=torch.where(greedy[:, None], torch.ones_like(temperature), temperature),
+        greedy=greedy,
+        top_k=torch.tensor([[int(p.top_k)] for p in params_list], dtype=torch.long, device=device),
+        # HF compares cumulative probabilities with (1 - top_p) computed in double, then cast to float32.
+        top_p=torch.tensor([[1.0 - float(p.top_p)] for p in params_list], dtype=torch.float32, device=device),
+        min_p=col("min_p"),
+        repetition_penalty=col("repetition_penalty"),
+        presence_penalty=col("presence_penalty"),
+        frequency_penalty=col("frequency_penalty"),
+        any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params_list),
+        any_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params_list),
+        any_min_p=any(p.min_p > 0.0 and p.temperature > 0 for p in params_list),
+        any_repetition=any(p.repetition_penalty != 1.0 for p in params_list),
+        any_presence_frequency=any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params_list),
+    )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF/CTRL repetition penalty: seen tokens' logits divided by ``penalty`` if positive, multiplied if negative."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI penalties over generated tokens: ``- presence·[count>0] - frequency·count``."""
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep tokens scoring at least the k-th best (HF keeps ties); rows with k = 0 are untouched."""
+    k_max = int(top_k.max().clamp(max=logits.size(-1)))
+    top_values = torch.topk(logits, k_max, dim=-1).values
+    kth = top_values.gather(-1, (top_k.clamp(min=1, max=k_max) - 1))
+    remove = (logits < kth) & (top_k > 0)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering exactly as HF's ``TopPLogitsWarper`` (ascending sort, keep the most likely token)."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_remove = cumulative <= one_minus_top_p
+    sorted_remove[..., -1:] = False
+    sorted_remove &= one_minus_top_p > 0  # rows with top_p = 1 are left alone, as HF skips the warper
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the top token's (HF ``MinPLogitsWarper``)."""
+    probs = torch.softmax(logits, dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def process_logits(logits: torch.Tensor, s: RowSettings, seen: torch.Tensor | None = None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The processed scores (float32) the next token is drawn from; greedy rows skip the warpers' effect."""
+    logits = logits.float()
+    if s.any_repetition and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.any_presence_frequency and counts is not None:
+        logits = apply_presence_frequency(logits, counts, s.presence_penalty, s.frequency_penalty)
+    logits = logits / s.temperature
+    if s.any_top_k:
+        logits = apply_top_k(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.top_k), s.top_k))
+    if s.any_top_p:
+        logits = apply_top_p(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.top_p), s.top_p))
+    if s.any_min_p:
+        logits = apply_min_p(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.min_p), s.min_p))
+    return logits
+
+
+def choose_tokens(scores: torch.Tensor, greedy: torch.Tensor, generators: list[torch.Generator | None]
+                  ) -> torch.Tensor:
+    """Argmax for greedy rows; a draw from ``softmax(scores)`` with the row's own generator otherwise."""
+    chosen = scores.argmax(dim=-1)
+    if bool(greedy.all()):
+        return chosen
+    probs = torch.softmax(scores, dim=-1)
+    for row in torch.nonzero(~greedy).flatten().tolist():
+        chosen[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+    return chosen
