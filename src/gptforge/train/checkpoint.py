@@ -1,0 +1,215 @@
+"""Training checkpoints: weights + optimizer + trainer state, written atomically and verified on load.
+
+Layout (DESIGN.md): ``<run>/ckpt/step_NNNNNNN/`` holds ``model.safetensors``, ``model_config.json`` and
+``tokenizer/`` (see :func:`gptforge.checkpoint.save_model`), plus ``optimizer.pt`` (optimizer and grad-scaler
+state, read back with ``torch.load(weights_only=True)``), ``state.json`` (step, tokens, RNG states, loader
+position, best metric, config) and ``files.json`` (size and SHA-256 of every file). ``ckpt/latest`` and
+``ckpt/best`` are pointer files holding a step directory name.
+
+A checkpoint is written into ``ckpt/.tmp-step_NNNNNNN``, every file fsynced, then renamed into place, so a kill
+at any moment leaves the previous checkpoints intact; :func:`verify_checkpoint` refuses partial or corrupted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from gptforge.checkpoint import save_model
+from gptforge.errors import GptforgeError
+
+FILES_MANIFEST = "files.json"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+STEP_PREFIX = "step_"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_pointer(ckpt_root: Path, name: str, target: str) -> None:
+    """Atomically write pointer file ``ckpt_root/name`` (``latest`` or ``best``) naming ``target``."""
+    tmp = ckpt_root / f".{name}.tmp"
+    tmp.write_text(target + "\n", encoding="utf-8")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_root / name)
+    _fsync_dir(ckpt_root)
+
+
+def read_pointer(ckpt_root: Path, name: str) -> str | None:
+    p = ckpt_root / name
+    return p.read_text(encoding="utf-8").strip() if p.is_file() else None
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, *, model, model_state: dict | None = None, tokenizer=None,
+                    optimizer_state: dict,
+                    trainer_state: dict, keep_last: int = 3, is_best: bool = False) -> Path:
+    """Write checkpoint ``step`` atomically, move ``latest`` (and ``best``), prune to the last ``keep_last``.
+
+    ``model`` is the bare model; for FSDP pass the gathered full ``model_state`` (rank 0 calls this alone).
+    """
+    from safetensors.torch import save_file
+
+    from gptforge.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, WEIGHTS
+
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    extra = {"step": step, "tokens": trainer_state.get("tokens")}
+    if model_state is None:
+        save_model(tmp, model, tokenizer, extra=extra)
+    else:  # a sharded (FSDP) model: write the gathered full state dict, same files as save_model
+        state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MODEL_CONFIG).write_text(json.dumps({"model": model.config.to_dict(), **extra}, indent=2),
+                                        encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+    torch.save(optimizer_state, tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    assert MODEL_CONFIG in files
+    (tmp / FILES_MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_pointer(ckpt_root, "latest", name)
+    if is_best:
+        write_pointer(ckpt_root, "best", name)
+    prune_checkpoints(ckpt_root, keep_last)
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Completed step directories, oldest first (temporary directories excluded)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints; never the one ``best`` points to."""
+    if keep_last <= 0:
+        return
+    protected = {read_pointer(ckpt_root, "best"), read_pointer(ckpt_root, "latest")}
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        if old.name not in protected:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Check every file against ``files.json`` (presence, size, SHA-256); return the trainer state.
+
+    Raises :class:`GptforgeError` naming the first problem and how to recover.
+    """
+    d = Path(directory)
+    hint = ("the checkpoint is partial or corrupted (killed while copying? disk full?); resume with "
+            "--checkpoint.fallback=true to use the previous good checkpoint, or delete this directory")
+    manifest_path = d / FILES_MANIFEST
+    if not manifest_path.is_file():
+        raise GptforgeError(f"{d}: no {FILES_MANIFEST}; {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptforgeError(f"{manifest_path}: invalid JSON ({e}); {hint}") from None
+    for rel, info in manifest["files"].items():
+        p = d / rel
+        if not p.is_file():
+            raise GptforgeError(f"{d}: file {rel} is missing; {hint}")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise GptforgeError(f"{p}: {size} bytes, expected {info['bytes']}; {hint}")
+        if _sha256(p) != info["sha256"]:
+            raise GptforgeError(f"{p}: SHA-256 does not match {FILES_MANIFEST}; {hint}")
+    try:
+        return json.loads((d / STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise GptforgeError(f"{d / STATE}: unreadable ({e}); {hint}") from None
+
+
+def find_resume_checkpoint(ckpt_root: str | Path, fallback: bool = False, log=print) -> Path | None:
+    """The checkpoint to resume from: ``latest`` when valid; with ``fallback``, the newest valid older one.
+
+    Returns ``None`` when the run has no checkpoint yet.
+    """
+    root = Path(ckpt_root)
+    candidates = list_checkpoints(root)
+    if not candidates:
+        return None
+    latest = read_pointer(root, "latest")
+    ordered = sorted(candidates, reverse=True)
+    if latest and (root / latest).is_dir():
+        ordered.remove(root / latest)
+        ordered.insert(0, root / latest)
+    first_error: GptforgeError | None = None
+    for cand in ordered:
+        try:
+            verify_checkpoint(cand)
+            if first_error is not None:
+                log(f"warning: {first_error}\nfalling back to the previous good checkpoint {cand}")
+            return cand
+        except GptforgeError as e:
+            if not fallback:
+                raise
+            first_error = first_error or e
+    raise GptforgeError(f"no valid checkpoint in {root}: {first_error}")
+
+
+def load_optimizer_state(directory: str | Path, map_location="cpu") -> dict:
+    """The optimizer/scaler state of a checkpoint (loaded with ``weights_only=True``)."""
+    return torch.load(Path(directory) / OPTIMIZER, map_location=map_location, weights_only=True)
+
+
+def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from gptforge.checkpoint import WEIGHTS
+
+    return load_file(str(Path(directory) / WEIGHTS))

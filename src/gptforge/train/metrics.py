@@ -1,0 +1,190 @@
+"""Training observability: ``metrics.jsonl``, ``loss.png``, MFU and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "RTX 5090": 209.5e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+}
+
+
+def device_peak_flops(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
+    """(peak FLOP/s, where the number comes from) for ``device``; ``None`` for unknown GPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():
+            if all(part.lower() in name.lower() for part in key.split()):
+                # fp32 without TF32 runs far below the tensor-core peak; report MFU against the bf16 peak anyway
+                return value, f"{key} bf16 datasheet"
+        return None, f"unknown GPU {name!r}"
+    if device.type == "cpu":
+        return measure_cpu_matmul_flops(), "measured CPU fp32 matmul"
+    return None, f"no peak table for {device.type}"
+
+
+_CPU_PEAK: float | None = None
+
+
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
+    """Best-of-``repeats`` fp32 matmul throughput on this CPU with the current thread count (cached)."""
+    global _CPU_PEAK
+    if _CPU_PEAK is None:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK = 2 * n**3 / best
+    return _CPU_PEAK
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: str | Path, resume_from_step: int | None = None):
+        self.path = Path(path)
+        if resume_from_step is not None and self.path.is_file():
+            # drop records written after the checkpoint we resume from; they are about to be redone
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) < resume_from_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif resume_from_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "inf"/"nan": valid JSON, still readable
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out.append({k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in rec.items()})
+    return out
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float | None = None,
+                 points: int = 100) -> Path | None:
+    """Draw ``loss.png``: train loss (interval mean with min/max band) + val loss, LR, grad norm (max/mean).
+
+    Non-finite values are drawn at a cap just above the finite maximum, marked with an ×.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if "loss" in r]
+    if not train:
+        return None
+    steps = np.array([r["step"] for r in train])
+    loss = np.array([r["loss"] for r in train], dtype=float)
+    lr = np.array([r.get("lr", np.nan) for r in train], dtype=float)
+    gnorm = np.array([r.get("grad_norm", np.nan) for r in train], dtype=float)
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+    def capped(x):
+        finite = x[np.isfinite(x)]
+        cap = (finite.max() * 1.5 if finite.size else 1.0)
+        bad = ~np.isfinite(x)
+        return np.where(bad, cap, x), bad
+
+    def bands(x):
+        width = max(1, math.ceil(len(x) / points))
+        groups = [x[i:i + width] for i in range(0, len(x), width)]
+        centers = [steps[i:i + width].mean() for i in range(0, len(x), width)]
+        return (np.array(centers), np.array([g.mean() for g in groups]), np.array([g.min() for g in groups]),
+                np.array([g.max() for g in groups]))
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, gridspec_kw={"height_ratios": [3, 1, 1.5]})
+    loss_c, loss_bad = capped(loss)
+    c, mean, lo, hi = bands(loss_c)
+    ax = axes[0]
+    ax.fill_between(c, lo, hi, alpha=0.25, label="train loss min–max")
+    ax.plot(c, mean, label="train loss (mean)")
+    if loss_bad.any():
+        ax.scatter(steps[loss_bad], loss_c[loss_bad], marker="x", color="red", label="non-finite (capped)")
+    if val:
+        vs, vl = zip(*val)
+        ax.plot(vs, vl, "o-", color="C3", label="val loss")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    axes[1].plot(steps, lr, color="C2")
+    axes[1].set_ylabel("learning rate")
+    axes[1].grid(alpha=0.3)
+    g_c, g_bad = capped(gnorm)
+    c, mean, lo, hi = bands(g_c)
+    axes[2].plot(c, hi, color="C1", alpha=0.7, label="grad norm (max)")
+    axes[2].plot(c, mean, color="C0", label="grad norm (mean)")
+    if g_bad.any():
+        axes[2].scatter(steps[g_bad], g_c[g_bad], marker="x", color="red", label="non-finite (capped)")
+    if grad_clip:
+        axes[2].axhline(grad_clip, color="k", linestyle="--", linewidth=1, label=f"clip {grad_clip}")
+    axes[2].set_ylabel("grad norm (pre-clip)")
+    axes[2].set_xlabel("step")
+    axes[2].legend(loc="upper right")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def summary_text(s: dict) -> str:
+    """One paragraph describing a finished run (printed and stored in the result)."""
+    parts = [f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {format_duration(s['seconds'])}",
+             f"{s['tokens_per_s']:,.0f} tokens/s"]
+    if s.get("mfu") is not None:
+        parts.append(f"MFU {100 * s['mfu']:.1f}%")
+    if s.get("peak_memory") is not None:
+        parts.append(f"peak memory {s['peak_memory'] / 2**30:.2f} GiB")
+    parts.append(f"final train loss {s['final_loss']:.4f}")
+    if s.get("best_val_loss") is not None:
+        parts.append(f"best val loss {s['best_val_loss']:.4f} (final {s['final_val_loss']:.4f})")
+    parts.append(f"skipped steps: {s['skipped_steps']} (non-finite grads {s['nonfinite_steps']}, "
+                 f"fp16 scaler {s['scaler_skips']})")
+    return "; ".join(parts) + f". Outputs in {s['run_dir']}."
