@@ -110,7 +110,8 @@ def process_logits(logits: torch.Tensor, s: RowSettings, seen: torch.Tensor | No
         logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     if s.any_presence_frequency and counts is not None:
         logits = apply_presence_frequency(logits, counts, s.presence_penalty, s.frequency_penalty)
-    logits = logits / s.temperature
+    if not bool((s.temperature == 1).all()):
+        logits = logits / s.temperature
     if s.any_top_k:
         logits = apply_top_k(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.top_k), s.top_k))
     if s.any_top_p:

@@ -1,0 +1,163 @@
+"""``gptforge generate``: continue prompts (from arguments or a file) with a checkpoint, batched."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptforge.commands import add_parser
+
+# Seeds 000-002 sample with top-p 0.95 and a repetition penalty of 1.1: greedy decoding of a small base
+# model loops, so the command line samples by default (--greedy switches it off).
+DEFAULTS = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir (its latest) or HF GPT-2 dir")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--context-policy", default="error", choices=["error", "slide"],
+                   help="a prompt longer than the context: fail, or keep its last tokens (default: error)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
+    g.add_argument("--greedy", action="store_true", help="same as --temperature 0 (deterministic; small models loop)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+                   help="HF semantics; 1 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def unescape(text: str) -> str:
+    """``\\n`` and ``\\t`` typed on a command line or in a one-prompt-per-line file mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def sampling_from_args(args):
+    from gptforge.engine import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        stop_strings=[unescape(s) for s in args.stop], seed=args.seed,
+        logprobs=getattr(args, "logprobs", False),
+    ).validate()
+
+
+def load_engine(args):
+    import torch
+
+    from gptforge.engine import Engine
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype,
+                                  context_policy=args.context_policy)
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "generate", "continue prompts with a trained model (batched, KV cache)",
+                   'gptforge generate --checkpoint runs/mini --prompt "Once upon a time" --max-new-tokens 50')
+    add_model_args(p)
+    src = p.add_argument_group("prompts")
+    src.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", default=None, metavar="FILE",
+                     help="one prompt per line (.txt), or JSON lines with a 'prompt' field (.jsonl); '-' = stdin")
+    src.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    src.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    add_sampling_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="one JSON object per completion (JSON lines)")
+    out.add_argument("--logprobs", action="store_true", help="include chosen-token log-probabilities (--json)")
+    out.add_argument("--no-stream", action="store_true", help="print a single prompt's completion at the end")
+    p.set_defaults(func=run)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per line) or a JSONL file (``{"prompt": ...}`` per line)."""
+    from pathlib import Path
+
+    from gptforge.errors import GptforgeError
+
+    if path == "-":
+        lines, name, jsonl = sys.stdin.read().splitlines(), "<stdin>", False
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise GptforgeError(f"prompts file not found: {path}")
+        lines, name, jsonl = file.read_text(encoding="utf-8").splitlines(), path, file.suffix == ".jsonl"
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(unescape(line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GptforgeError(f"{name}:{lineno}: invalid JSON ({e.msg}); each line must be {{\"prompt\": ...}}") \
+                from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise GptforgeError(f"{name}:{lineno}: expected an object with a string 'prompt' field")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise GptforgeError(f"{name} holds no prompts")
+    return prompts
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from gptforge.errors import GptforgeError
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise GptforgeError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
+    if args.batch_size < 1 or args.num_samples < 1:
+        raise GptforgeError("--batch-size and --num-samples must be ≥ 1")
+    params = sampling_from_args(args)
+    engine = load_engine(args)
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(args.num_samples)]
+
+    if len(jobs) == 1 and not args.json and not args.no_stream:  # one prompt: stream it to the terminal
+        sys.stdout.write(prompts[0])
+        for delta in engine.stream(prompts[0], params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+
+    bar = tqdm(total=len(jobs), unit="completion", disable=len(jobs) <= args.batch_size, file=sys.stderr)
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        seeded = params if params.seed is None else _offset_seed(params, start)
+        completions = engine.generate([p for _, p in chunk], seeded)
+        for (i, prompt), c in zip(chunk, completions):
+            if args.json:
+                record = {"index": i, "prompt": prompt, "completion": c.text, "finish_reason": c.finish_reason,
+                          "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids)}
+                if args.logprobs:
+                    record["token_ids"], record["logprobs"] = c.token_ids, c.logprobs
+                print(json.dumps(record, ensure_ascii=False))
+            else:
+                print(f"=== [{i}] finish={c.finish_reason} tokens={len(c.token_ids)}\n{prompt}{c.text}\n")
+        bar.update(len(chunk))
+    bar.close()
+    return 0
+
+
+def _offset_seed(params, offset: int):
+    import dataclasses
+
+    return dataclasses.replace(params, seed=params.seed + offset)
