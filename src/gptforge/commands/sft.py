@@ -1,0 +1,92 @@
+"""``gptforge sft``: fine-tune a base checkpoint into an instruct model on chat/instruction data."""
+
+from __future__ import annotations
+
+from gptforge.commands import add_parser
+
+EXAMPLE = ("gptforge sft --checkpoint runs/base --data ../shared/data/instruct/instruction-data.json "
+           "--name sft-demo --epochs 2 --neftune-alpha 5 --patience 3")
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "sft", "instruction fine-tuning (SFT) of a checkpoint on Alpaca/Dolly/ShareGPT/messages data",
+                   EXAMPLE, accepts_overrides=True)
+    p.add_argument("--config", default=None, help="YAML recipe (e.g. recipes/sft-alpaca-dolly.yaml)")
+    p.add_argument("--checkpoint", default=None, help="base model: step dir, run dir or Hugging Face GPT-2 directory")
+    p.add_argument("--data", action="append", default=None, metavar="FILE|HUB_NAME",
+                   help="local .json/.jsonl/.parquet or a hub dataset name; repeat to combine sources")
+    p.add_argument("--name", default=None, help="run name: outputs go to <out-dir>/<name>/")
+    p.add_argument("--out-dir", default=None, help="parent of the run directory (default runs)")
+    p.add_argument("--format", default=None, choices=["auto", "alpaca", "dolly", "sharegpt", "messages"],
+                   help="record format (default: detected from the keys)")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="skip malformed records (counted) instead of failing")
+    p.add_argument("--style", default=None, choices=["chat", "alpaca"],
+                   help="chat = ChatML with new special tokens (default); alpaca = text template, no new tokens")
+    p.add_argument("--train-on", default=None, choices=["all", "last"], help="supervise all assistant turns or the last")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example (default: model context)")
+    p.add_argument("--overlength", default=None, choices=["drop", "truncate"], help="what to do with longer examples")
+    p.add_argument("--batching", default=None, choices=["pad", "group", "pack"],
+                   help="pad to longest in batch, length-grouped batches, or packed windows")
+    p.add_argument("--split", default=None, help="train,val,test fractions (default 0.85,0.05,0.10)")
+    p.add_argument("--limit", type=int, default=None, help="use only N conversations (seeded sample)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--neftune-alpha", type=float, default=None, help="NEFTune noise (e.g. 5); 0 = off")
+    p.add_argument("--patience", type=int, default=None, help="early stopping after N evaluations without improvement")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: each epoch)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, mps")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="length cap of the test-split responses")
+    p.add_argument("--no-test-responses", action="store_true", help="skip generating responses for the test split")
+    p.set_defaults(func=run)
+
+
+def cli_overrides(args) -> dict:
+    """The explicitly given flags as a nested override dict (they win over the recipe)."""
+    from gptforge.errors import GptforgeError
+
+    o: dict = {}
+
+    def put(section: str | None, key: str, value) -> None:
+        if value is not None:
+            (o.setdefault(section, {}) if section else o)[key] = value
+
+    put(None, "checkpoint", args.checkpoint)
+    put(None, "name", args.name)
+    put(None, "out_dir", args.out_dir)
+    put(None, "device", args.device)
+    put("data", "sources", args.data)
+    put("data", "format", args.format)
+    put("data", "skip_bad", args.skip_bad)
+    put("data", "style", args.style)
+    put("data", "train_on", args.train_on)
+    put("data", "max_len", args.max_len)
+    put("data", "overlength", args.overlength)
+    put("data", "batching", args.batching)
+    put("data", "limit", args.limit)
+    if args.split:
+        try:
+            put("data", "split", [float(x) for x in args.split.split(",")])
+        except ValueError:
+            raise GptforgeError(f"--split expects three comma-separated fractions like 0.85,0.05,0.10, "
+                                f"got {args.split!r}") from None
+    for key in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "neftune_alpha", "patience", "eval_every"):
+        put("train", key, getattr(args, key))
+    put("generate", "max_new_tokens", args.max_new_tokens)
+    if args.no_test_responses:
+        put("generate", "enabled", False)
+    return o
+
+
+def run(args) -> int:
+    from gptforge.config import deep_merge, load_config, parse_overrides
+    from gptforge.train.sft import SFTConfig, run_sft
+
+    overrides = deep_merge(cli_overrides(args), parse_overrides(args.overrides or []))
+    config = load_config(SFTConfig, args.config, overrides)
+    result = run_sft(config)
+    print(f"fine-tuned model: {result.checkpoint}")
+    print(f"try it: gptforge chat --checkpoint {result.run_dir}")
+    return 0
