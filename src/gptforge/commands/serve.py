@@ -1,0 +1,50 @@
+"""``gptforge serve``: an OpenAI-compatible API and a web chat page for a checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+from gptforge.commands import add_parser
+from gptforge.commands.generate import add_model_args
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "serve", "serve a model: OpenAI-compatible /v1 API + web chat page at /",
+                   "gptforge serve --checkpoint runs/mini-sft --port 8000   # then open http://127.0.0.1:8000/")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the run's name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, else none)")
+    p.add_argument("--max-pending", type=int, default=64, help="requests queued or running before 429")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queueing included")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from gptforge.commands.generate import load_engine
+    from gptforge.errors import GptforgeError
+    from gptforge.serve.app import ServerSettings, api_key_from_env, create_app, default_model_name
+
+    if args.max_pending < 1 or args.max_batch < 1 or args.timeout <= 0:
+        raise GptforgeError("--max-pending and --max-batch must be ≥ 1 and --timeout > 0")
+    api_key = api_key_from_env(args.api_key)
+    if args.host not in LOOPBACK and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it "
+              "(set --api-key or GPTFORGE_API_KEY)", file=sys.stderr)
+    engine = load_engine(args)
+    settings = ServerSettings(model_name=args.model_name or default_model_name(args.checkpoint), api_key=api_key,
+                              max_pending=args.max_pending, max_batch_rows=args.max_batch,
+                              max_tokens_limit=args.max_tokens_limit, timeout_s=args.timeout)
+    app = create_app(engine, settings)
+    print(f"serving '{settings.model_name}' (context {engine.block_size}) on http://{args.host}:{args.port}/ "
+          f"— web chat at /, OpenAI API at /v1{' (API key required)' if api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
