@@ -1,0 +1,394 @@
+"""Held-out loss, perplexity and bits-per-byte, for one checkpoint or a series of them.
+
+The evaluated text is one token stream, exactly as training sees it: a prepared split's shards concatenated in
+order, or raw text/jsonl documents each followed by end-of-text. The stream ``[start, start + max_tokens)`` is
+cut into consecutive windows of ``seq_len + 1`` tokens that overlap by one, so every token after the first is
+predicted exactly once, with as much context as training gives it. Evaluating per-document padded windows
+instead (seed 000's pitfall) reports a different, misleading number.
+
+Bits-per-byte compares models with different tokenizers: the summed loss (nats → bits) of all non-special
+target tokens divided by the UTF-8 bytes those tokens decode to. Bytes are counted exactly per token from the
+tokenizer's vocabulary (special tokens such as end-of-text have no bytes and are left out of both sums).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer import EOT, BPETokenizer, TiktokenTokenizer, Tokenizer
+
+MAX_LOGITS_PER_BATCH = 2**27
+
+
+# ---- the token stream ----------------------------------------------------------------------------------------
+
+
+class TokenStream:
+    """A read-only concatenation of token arrays (memory-mapped shards or an in-memory array)."""
+
+    def __init__(self, arrays: list[np.ndarray], description: str):
+        self.arrays = [a for a in arrays if len(a)]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.description = description
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` as an int64 array, across array boundaries."""
+        parts = []
+        for i, arr in enumerate(self.arrays):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if hi <= start or lo >= stop:
+                continue
+            parts.append(np.asarray(arr[max(start, lo) - lo : min(stop, hi) - lo], dtype=np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def shard_stream(directory: str | Path, split: str = "val") -> tuple[TokenStream, dict]:
+    """The ``split`` shards of a prepared dataset as one stream, plus its manifest (``{}`` when absent)."""
+    from gptforge.data.shards import MANIFEST, list_shards, read_manifest, read_shard
+
+    directory = Path(directory)
+    paths = list_shards(directory, split)
+    manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {}
+    return TokenStream([read_shard(p) for p in paths], f"{directory} ({split}, {len(paths)} shards)"), manifest
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents of a text file (split at literal end-of-text markers, else the whole file) or a jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptforgeError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                    raise GptforgeError(f"{path}:{lineno}: no string field {text_field!r}; choose the field with "
+                                        "--text-field NAME")
+                docs.append(rec[text_field])
+        return docs
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GptforgeError(f"{path}: not UTF-8 text ({e})") from None
+    return [d for d in (p.strip("\n") for p in text.split(EOT)) if d]
+
+
+def text_stream(files: list[str | Path], tokenizer: Tokenizer, text_field: str = "text") -> TokenStream:
+    """Raw text/jsonl files tokenized like training: every document followed by end-of-text, all concatenated."""
+    docs = [d for f in files for d in read_documents(f, text_field)]
+    if not docs:
+        raise GptforgeError(f"no documents in {', '.join(map(str, files))}")
+    ids: list[int] = []
+    for doc_ids in tokenizer.encode_batch(docs):
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eot_id)
+    return TokenStream([np.asarray(ids, dtype=np.int64)], ", ".join(map(str, files)))
+
+
+def is_prepared_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (any(path.glob("*_*.bin")) or (path / "manifest.json").is_file())
+
+
+# ---- bytes per token ---------------------------------------------------------------------------------------
+
+
+def token_byte_lengths(tokenizer: Tokenizer, size: int | None = None) -> np.ndarray:
+    """UTF-8 byte length of every token id (0 for special tokens and ids beyond the vocabulary)."""
+    n = max(size or 0, tokenizer.vocab_size)
+    lengths = np.zeros(n, dtype=np.int64)
+    specials = set(tokenizer.special_tokens.values())
+    if isinstance(tokenizer, TiktokenTokenizer):
+        for i in range(tokenizer.vocab_size):
+            if i not in specials:
+                lengths[i] = len(tokenizer._enc.decode_single_token_bytes(i))
+    elif isinstance(tokenizer, BPETokenizer) and _is_byte_level(tokenizer):
+        # Byte-level BPE pieces use one printable character per byte.
+        for i in range(tokenizer.vocab_size):
+            piece = tokenizer._tok.id_to_token(i)
+            if i not in specials and piece is not None:
+                lengths[i] = len(piece)
+    else:
+        for i in range(tokenizer.vocab_size):
+            if i not in specials:
+                lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
+
+
+def _is_byte_level(tokenizer: BPETokenizer) -> bool:
+    decoder = json.loads(tokenizer._tok.to_str()).get("decoder") or {}
+    return decoder.get("type") == "ByteLevel"
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+@torch.no_grad()
+def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start: int = 0,
+                   max_tokens: int | None = None, batch_size: int = 8, byte_lengths: np.ndarray | None = None,
+                   dtype: str = "auto", show_progress: bool = True, desc: str = "eval loss") -> dict:
+    """Loss over tokens ``[start, start + max_tokens)`` of ``stream``; see the module docstring."""
+    from gptforge.checkpoint import unwrap
+
+    bare = unwrap(model)
+    seq_len = seq_len or bare.config.block_size
+    if seq_len > bare.config.block_size:
+        raise GptforgeError(f"--seq-len {seq_len} exceeds the model's context {bare.config.block_size}")
+    total = len(stream)
+    if start < 0 or start >= total:
+        raise GptforgeError(f"--start {start:,} outside the {total:,} tokens of {stream.description}")
+    stop = total if max_tokens is None else min(total, start + max_tokens)
+    if max_tokens is not None and start + max_tokens > total:
+        raise GptforgeError(f"{stream.description} has {total:,} tokens; cannot take {max_tokens:,} from "
+                            f"position {start:,}; lower --tokens or --start")
+    n_targets = stop - start - 1
+    if n_targets < 1:
+        raise GptforgeError(f"need at least 2 tokens to evaluate, got {stop - start}")
+    device = next(bare.parameters()).device
+    vocab = bare.config.vocab_size
+    rows = max(1, min(batch_size, MAX_LOGITS_PER_BATCH // (seq_len * vocab)))
+    window_starts = list(range(start, stop - 1, seq_len))
+    was_training = bare.training
+    bare.eval()
+
+    nats = 0.0  # all targets
+    nats_text = 0.0  # targets with bytes (for bits-per-byte)
+    n_bytes = 0
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_targets, desc=desc, unit="tok", unit_scale=True, leave=False)
+    t0 = time.perf_counter()
+    for b in range(0, len(window_starts), rows):
+        group = window_starts[b : b + rows]
+        windows = [stream.slice(s, min(s + seq_len + 1, stop)) for s in group]
+        # A final short window goes in a batch of its own so every row has the same length.
+        full = [w for w in windows if len(w) == len(windows[0])]
+        for batch in (full, [w for w in windows if len(w) != len(windows[0])]):
+            if not batch:
+                continue
+            data = torch.from_numpy(np.stack(batch)).to(device)
+            x, y = data[:, :-1], data[:, 1:]
+            if int(data.max()) >= vocab:
+                raise GptforgeError(f"token id {int(data.max())} in {stream.description} is outside the model's "
+                                    f"vocabulary ({vocab}); the data was prepared with a different tokenizer")
+            with _autocast(device, dtype):
+                logits, _ = bare(x)
+            ce = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none").double()
+            nats += float(ce.sum())
+            if byte_lengths is not None:
+                yb = torch.from_numpy(byte_lengths).to(device)[y.reshape(-1)]
+                nats_text += float(ce[yb > 0].sum())
+                n_bytes += int(yb.sum())
+            if bar:
+                bar.update(y.numel())
+    if bar:
+        bar.close()
+    if was_training:
+        bare.train()
+    seconds = time.perf_counter() - t0
+    loss = nats / n_targets
+    result = {
+        "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n_targets, "start": start,
+        "stop": stop, "seq_len": seq_len, "windows": len(window_starts), "seconds": seconds,
+        "tokens_per_second": n_targets / max(seconds, 1e-9), "data": stream.description,
+    }
+    if byte_lengths is not None and n_bytes > 0:
+        result["bits_per_byte"] = nats_text / math.log(2) / n_bytes
+        result["bytes"] = n_bytes
+    return result
+
+
+def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None, split: str = "val",
+                  start: int = 0, max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
+                  device: str | None = None, dtype: str = "auto", text_field: str = "text",
+                  show_progress: bool = True) -> dict:
+    """Loss, perplexity and bits-per-byte of a model on held-out data.
+
+    ``checkpoint_or_model``: a checkpoint path (any form ``load_model`` accepts) or a :class:`GPT`.
+    ``data``: a prepared dataset directory (its ``split`` shards), a text/jsonl file or a list of them, or a
+    :class:`TokenStream`. ``tokenizer`` defaults to the checkpoint's; it is needed for raw text and for
+    bits-per-byte. Returns ``{"loss", "perplexity", "bits_per_byte", "tokens", ...}``.
+    """
+    meta: dict = {}
+    if isinstance(checkpoint_or_model, (str, Path)):
+        from gptforge.checkpoint import load_model
+
+        model, ckpt_tok, meta = load_model(checkpoint_or_model, device=device or _default_device())
+        tokenizer = tokenizer or ckpt_tok
+    else:
+        model = checkpoint_or_model
+        if device is not None:
+            model.to(device)
+    stream, manifest = _stream_for(data, tokenizer, split, text_field)
+    _check_tokenizer(manifest, tokenizer, stream)
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if tokenizer is not None else None
+    result = loss_on_stream(model, stream, seq_len=seq_len, start=start, max_tokens=max_tokens,
+                            batch_size=batch_size, byte_lengths=byte_lengths, dtype=dtype,
+                            show_progress=show_progress)
+    if meta:
+        result["checkpoint"] = meta.get("path")
+        result["step"] = checkpoint_step(Path(meta["path"]))
+    return result
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stream_for(data, tokenizer, split, text_field) -> tuple[TokenStream, dict]:
+    if isinstance(data, TokenStream):
+        return data, {}
+    files = [data] if isinstance(data, (str, Path)) else list(data)
+    if len(files) == 1 and is_prepared_dir(files[0]):
+        return shard_stream(files[0], split)
+    for f in files:
+        if Path(f).is_dir():
+            raise GptforgeError(f"{f} is a directory without shards; pass a prepared dataset directory "
+                                "(from `gptforge data prepare`) or text/jsonl files")
+    if tokenizer is None:
+        raise GptforgeError("raw text needs a tokenizer: the checkpoint has none, pass --tokenizer")
+    return text_stream(files, tokenizer, text_field), {}
+
+
+def _check_tokenizer(manifest: dict, tokenizer: Tokenizer | None, stream: TokenStream) -> None:
+    """Refuse shards prepared with another tokenizer than the model's (when the manifest says which)."""
+    info = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    if not isinstance(info, dict) or tokenizer is None:
+        return
+    expected = info.get("hash") or info.get("content_hash")
+    if expected and expected != tokenizer.content_hash():
+        raise GptforgeError(f"{stream.description} was prepared with tokenizer {info.get('name')!r} "
+                            f"(hash {expected}), the model uses {tokenizer.name!r} (hash {tokenizer.content_hash()});"
+                            " evaluate on data prepared with the model's tokenizer")
+
+
+# ---- several checkpoints ----------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Training step of a checkpoint directory (``state.json`` or the ``step_NNNNNNN`` name)."""
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            step = json.loads(state.read_text(encoding="utf-8")).get("step")
+            if isinstance(step, int):
+                return step
+        except json.JSONDecodeError:
+            pass
+    m = re.search(r"step_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def expand_checkpoints(paths: list[str | Path]) -> list[Path]:
+    """Concrete checkpoint directories for ``paths`` (run dirs, step dirs, ``latest``/``best`` pointers),
+    de-duplicated and ordered by step; entries that are not checkpoints (stray files) are skipped."""
+    from gptforge.checkpoint import resolve_checkpoint
+
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file() and p.name not in ("latest", "best"):
+            continue
+        if p.name.endswith(".tmp") or p.name.startswith("."):
+            continue  # a checkpoint being written
+        found[resolve_checkpoint(p).resolve()] = None
+    if not found:
+        raise GptforgeError(f"no checkpoints among: {', '.join(map(str, paths))}")
+    return sorted(found, key=lambda d: (checkpoint_step(d) is None, checkpoint_step(d) or 0, str(d)))
+
+
+def evaluate_checkpoints(paths: list[str | Path], data, **kwargs) -> dict:
+    """Evaluate every checkpoint on the same tokens; returns ``{"results": [...], "best": index}``."""
+    checkpoints = expand_checkpoints(paths)
+    results = []
+    for i, ckpt in enumerate(checkpoints):
+        res = evaluate_loss(ckpt, data, **kwargs)
+        res["name"] = ckpt.name
+        results.append(res)
+        print(f"[{i + 1}/{len(checkpoints)}] {ckpt.name}: loss {res['loss']:.4f}"
+              + (f", bpb {res['bits_per_byte']:.4f}" if "bits_per_byte" in res else ""), flush=True)
+    best = min(range(len(results)), key=lambda i: results[i]["loss"])
+    for i, r in enumerate(results):
+        r["best"] = i == best
+    return {"results": results, "best": best}
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table of checkpoint results; the best (lowest loss) row is marked with ``*``."""
+    lines = ["| checkpoint | step | loss | perplexity | bits/byte | tokens |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "–"
+        mark = " *" if r.get("best") else ""
+        step = r.get("step") if r.get("step") is not None else "–"
+        lines.append(f"| {r.get('name', r.get('checkpoint', 'model'))}{mark} | {step} | {r['loss']:.4f} | "
+                     f"{r['perplexity']:.2f} | {bpb} | {r['tokens']:,} |")
+    return "\n".join(lines)
+
+
+def plot_losses(results: list[dict], path: str | Path) -> Path:
+    """Loss per checkpoint (x = step when known), the best marked; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    have_steps = all(r.get("step") is not None for r in results)
+    xs = [r["step"] for r in results] if have_steps else list(range(len(results)))
+    ys = [r["loss"] for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, marker="o", label="held-out loss")
+    best = min(range(len(ys)), key=ys.__getitem__)
+    ax.scatter([xs[best]], [ys[best]], s=160, facecolors="none", edgecolors="red", linewidths=2,
+               label=f"best: {results[best].get('name', best)} ({ys[best]:.4f})", zorder=3)
+    ax.set_xlabel("step" if have_steps else "checkpoint")
+    if not have_steps:
+        ax.set_xticks(xs, [r.get("name", str(i)) for i, r in enumerate(results)], rotation=30, ha="right")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"held-out loss on {results[0]['tokens']:,} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
