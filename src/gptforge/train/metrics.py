@@ -46,7 +46,8 @@ def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
     """Best-of-``repeats`` fp32 matmul throughput on this CPU with the current thread count (cached)."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        gen = torch.Generator().manual_seed(0)  # private: must not move the training RNG (exact resume)
+        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
         a @ b  # warm-up
         best = float("inf")
         for _ in range(repeats):

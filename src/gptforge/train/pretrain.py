@@ -887,10 +887,20 @@ def _check_vocab(cfg: PretrainConfig, config: GPTConfig, tokenizer) -> None:
     manifest = _manifest(Path(cfg.data.path)) or {}
     tok = manifest.get("tokenizer")
     want = tok.get("hash") if isinstance(tok, dict) else None
-    if want and want != tokenizer.content_hash():
+    if want and want != tokenizer.content_hash() and not _same_encoding(cfg, tokenizer):
         raise GptforgeError(f"{cfg.data.path}/manifest.json was made with tokenizer hash {want}, but the "
                             f"tokenizer in use has {tokenizer.content_hash()}; prepare the data with the same "
                             "tokenizer as the model (for --model.init_from, the one saved with the weights)")
+
+
+def _same_encoding(cfg: PretrainConfig, tokenizer) -> bool:
+    """Whether ``tokenizer`` encodes like the one saved with the data (re-serialised copies hash differently)."""
+    try:
+        data_tok = resolve_tokenizer(cfg)
+    except GptforgeError:
+        return False
+    probe = "The quick brown fox, 1234 naïve café!\n\n  Second line\t<tab> — done."
+    return data_tok.vocab_size == tokenizer.vocab_size and data_tok.encode(probe) == tokenizer.encode(probe)
 
 
 def _peak_memory(device: torch.device) -> float | None:

@@ -51,7 +51,11 @@ class MLflowTracker(Tracker):
         import mlflow
 
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps the file store behind a flag; it is the only backend that needs nothing installed
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("gptforge")
         self.run = mlflow.start_run(run_name=run_name)
