@@ -406,21 +406,27 @@ def _available_ram() -> float:
 
 @torch.no_grad()
 def evaluate_loss(model, windows: np.ndarray, micro_batch: int, precision: str, device, dist_info) -> float:
-    """Mean next-token loss over the fixed validation windows, split across ranks (same count on each)."""
+    """Mean next-token loss over the fixed validation windows, split across ranks.
+
+    Every rank runs the same number of forward passes (a rank out of windows repeats one and discards it),
+    so sharded models never wait on each other, and the mean does not depend on the world size.
+    """
     from gptforge.train.distributed import all_reduce_sum
 
     W = dist_info.world_size
-    n = (len(windows) // W) * W
-    mine = windows[dist_info.rank:n:W]
+    mine = windows[dist_info.rank::W]
+    n_batches = math.ceil(math.ceil(len(windows) / W) / micro_batch)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    for i in range(0, len(mine), micro_batch):
-        chunk = torch.from_numpy(mine[i:i + micro_batch]).to(device)
+    for i in range(n_batches):
+        part = mine[i * micro_batch:(i + 1) * micro_batch]
+        weight = 1.0 if len(part) else 0.0
+        chunk = torch.from_numpy(part if len(part) else windows[:1]).to(device)
         with autocast_context(precision, device):
             _, loss = model(chunk[:, :-1], chunk[:, 1:])
-        total[0] += loss.double() * chunk[:, 1:].numel()
-        total[1] += chunk[:, 1:].numel()
+        total[0] += weight * loss.double() * chunk[:, 1:].numel()
+        total[1] += weight * chunk[:, 1:].numel()
     model.train(was_training)
     all_reduce_sum(total, dist_info)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
