@@ -229,7 +229,7 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
 def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None, split: str = "val",
                   start: int = 0, max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
                   device: str | None = None, dtype: str = "auto", text_field: str = "text",
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True, _stream_cache: dict | None = None) -> dict:
     """Loss, perplexity and bits-per-byte of a model on held-out data.
 
     ``checkpoint_or_model``: a checkpoint path (any form ``load_model`` accepts) or a :class:`GPT`.
@@ -247,7 +247,13 @@ def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None,
         model = checkpoint_or_model
         if device is not None:
             model.to(device)
-    stream, manifest = _stream_for(data, tokenizer, split, text_field)
+    cache_key = tokenizer.content_hash() if tokenizer is not None else ""
+    if _stream_cache is not None and cache_key in _stream_cache:
+        stream, manifest = _stream_cache[cache_key]
+    else:
+        stream, manifest = _stream_for(data, tokenizer, split, text_field)
+        if _stream_cache is not None:
+            _stream_cache[cache_key] = (stream, manifest)
     _check_tokenizer(manifest, tokenizer, stream)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if tokenizer is not None else None
     result = loss_on_stream(model, stream, seq_len=seq_len, start=start, max_tokens=max_tokens,
@@ -328,9 +334,10 @@ def expand_checkpoints(paths: list[str | Path]) -> list[Path]:
 def evaluate_checkpoints(paths: list[str | Path], data, **kwargs) -> dict:
     """Evaluate every checkpoint on the same tokens; returns ``{"results": [...], "best": index}``."""
     checkpoints = expand_checkpoints(paths)
+    streams: dict[str, tuple[TokenStream, dict]] = {}  # raw text is tokenized once per tokenizer, not once per checkpoint
     results = []
     for i, ckpt in enumerate(checkpoints):
-        res = evaluate_loss(ckpt, data, **kwargs)
+        res = evaluate_loss(ckpt, data, _stream_cache=streams, **kwargs)
         res["name"] = ckpt.name
         results.append(res)
         print(f"[{i + 1}/{len(checkpoints)}] {ckpt.name}: loss {res['loss']:.4f}"
