@@ -20,6 +20,10 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 CHAT_TOKENS = (IM_START, IM_END)
+# Special tokens every trained BPE gets (ids 0..3, in this order).
+SPECIAL_TOKENS = (EOT, PAD, IM_START, IM_END)
+# tiktoken-format ranks saved next to tokenizer.json when the trained vocabulary allows it.
+TIKTOKEN_FILE = "tokenizer.tiktoken"
 
 # GPT-2's pre-tokenization regex (as in tiktoken's r50k_base / gpt2 encodings).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -252,10 +256,53 @@ class BPETokenizer(Tokenizer):
     def content_hash(self):
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
 
+    def tiktoken_ranks(self) -> dict[bytes, int] | None:
+        """The vocabulary as tiktoken mergeable ranks (rank = id), or None when tiktoken cannot reproduce it.
+
+        tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE applies its merge
+        list in order. The two agree when every merge creates a new token whose id grows with the merge
+        order, which is what ``train_bpe`` produces; other vocabularies (e.g. imported ones) are refused.
+        """
+        spec = json.loads(self._tok.to_str())
+        model = spec.get("model", {})
+        pre = json.dumps(spec.get("pre_tokenizer"))
+        if model.get("type") != "BPE" or "ByteLevel" not in pre:
+            return None
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        vocab: dict[str, int] = model["vocab"]
+        ranks: dict[bytes, int] = {}
+        for piece, idx in vocab.items():
+            if piece in self.special_tokens:
+                continue
+            try:
+                ranks[bytes(byte_of[c] for c in piece)] = idx
+            except KeyError:
+                return None  # not a byte-level vocabulary
+        if any(bytes([b]) not in ranks for b in range(256)):
+            return None
+        last = -1
+        for merge in model.get("merges", []):
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            idx = vocab.get(left + right)
+            if idx is None or idx <= last:
+                return None
+            last = idx
+        return ranks
+
+    def to_tiktoken(self):
+        """A ``tiktoken.Encoding`` giving the same ids as this tokenizer (error when the vocabulary does not allow)."""
+        ranks = self.tiktoken_ranks()
+        if ranks is None:
+            raise GptforgeError(f"tokenizer {self.name!r} cannot be expressed as tiktoken ranks")
+        return tiktoken_encoding(ranks, self.special_tokens, self.name)
+
     def save(self, directory):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
+        ranks = self.tiktoken_ranks()
+        if ranks is not None:
+            write_tiktoken_ranks(ranks, directory / TIKTOKEN_FILE)
         cfg = {"kind": self.kind, "name": self.name, "special_tokens": self.special_tokens,
                "chat_template": self.chat_template}
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
@@ -275,11 +322,24 @@ def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[str, bool
     return out
 
 
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """``gpt2`` → tiktoken GPT-2; a directory with ``tokenizer_config.json``/``tokenizer.json``; or a ``tokenizer.json``."""
+def load_tokenizer(spec: str | Path, extra_special: list[str] | tuple[str, ...] | None = None) -> Tokenizer:
+    """``gpt2`` → tiktoken GPT-2; a directory with ``tokenizer_config.json``/``tokenizer.json``; or a ``tokenizer.json``.
+
+    ``gpt2-chat`` is GPT-2 plus the chat tokens (``<|im_start|>`` 50257, ``<|im_end|>`` 50258);
+    ``extra_special`` appends further special tokens to whatever was loaded.
+    """
+    tok = _load_tokenizer(spec)
+    if extra_special:
+        tok.add_special_tokens(list(extra_special))
+    return tok
+
+
+def _load_tokenizer(spec: str | Path) -> Tokenizer:
     spec_str = str(spec)
     if spec_str == "gpt2":
         return TiktokenTokenizer()
+    if spec_str == "gpt2-chat":
+        return TiktokenTokenizer(extra_special=list(CHAT_TOKENS))
     path = Path(spec_str)
     if path.is_dir():
         cfg_path = path / "tokenizer_config.json"
@@ -295,3 +355,88 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if path.is_file():
         return BPETokenizer.from_file(path)
     raise GptforgeError(f"tokenizer not found: {spec_str!r} (use 'gpt2', a tokenizer directory or a tokenizer.json)")
+
+
+# ---- training and tiktoken export ---------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> Path:
+    """Write ranks in tiktoken's file format (``base64(token) rank`` per line), atomically."""
+    import base64
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="ascii") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def tiktoken_encoding(ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "bpe"):
+    """A ``tiktoken.Encoding`` with GPT-2's pre-tokenization regex."""
+    import tiktoken
+
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=dict(special_tokens))
+
+
+def load_tiktoken_file(directory: str | Path):
+    """The ``tiktoken.Encoding`` stored in a trained tokenizer directory (``tokenizer.tiktoken`` + its config)."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    directory = Path(directory)
+    path = directory / TIKTOKEN_FILE
+    if not path.is_file():
+        raise GptforgeError(f"{path} not found: this tokenizer has no tiktoken export (retrain or re-save it)")
+    cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return tiktoken_encoding(load_tiktoken_bpe(str(path)), cfg["special_tokens"], cfg.get("name", "bpe"))
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int = 2, special_tokens=SPECIAL_TOKENS,
+              name: str = "bpe") -> BPETokenizer:
+    """Train a byte-level BPE (GPT-2 regex, 256 byte symbols, ``special_tokens`` at ids 0..k-1) on ``texts``.
+
+    ``texts`` is any iterable of strings and is consumed once, streaming: the trainer keeps word counts,
+    not the corpus. ``vocab_size`` counts special tokens and the 256 byte symbols.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    special_tokens = list(dict.fromkeys(special_tokens))
+    if EOT not in special_tokens:
+        special_tokens.insert(0, EOT)
+    minimum = 256 + len(special_tokens)
+    if vocab_size < minimum:
+        raise GptforgeError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
+                            f"(256 bytes + {len(special_tokens)} special tokens)")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    seen = {"n": 0}
+
+    def counted():
+        for t in texts:
+            seen["n"] += 1
+            yield t
+
+    hf.train_from_iterator(counted(), trainer)
+    if seen["n"] == 0:
+        raise GptforgeError("no training text: the sources produced no documents")
+    return BPETokenizer(hf, name=name)

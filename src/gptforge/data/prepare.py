@@ -1,0 +1,597 @@
+"""``gptforge data prepare``: tokenize text sources into headered shards plus ``manifest.json``.
+
+Pipeline: the main process streams pieces from the sources (``data/sources.py``), groups them into batches of
+bounded size and hands them to N worker processes; results come back in submission order, so the shards do
+not depend on N. Every document is preceded by the end-of-text token (so documents are joined with it) and
+goes to ``train`` or ``val`` by a stable hash of its first 1,024 characters: the same document lands in the
+same split on every run, with any number of workers.
+
+Memory is bounded by ``buffer_mb`` (text and tokens in flight) plus one shard per split being filled.
+After every completed shard a checkpoint (``.prepare_state.json`` + the unfinished shard tails) is written
+atomically; a killed run continues from the last checkpoint and produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptforge.data import shards as shardfmt
+from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources
+from gptforge.errors import GptforgeError
+
+STATE = ".prepare_state.json"
+HISTOGRAM_PNG = "doc_lengths.png"
+SPLIT_HASH_CHARS = 1024
+FORMAT = "gptforge-shards-1"
+
+
+@dataclass
+class PrepareConfig:
+    """Options of ``gptforge data prepare`` (``workers`` and ``buffer_mb`` never change the output)."""
+
+    sources: list[str]
+    out: str
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.01
+    shard_tokens: int = 100_000_000
+    max_tokens: int | None = None
+    workers: int = 0  # 0: all cores
+    separator: str = "file"  # .txt documents: file | blank | line | a literal like <|endoftext|>
+    field: str = "text"  # .jsonl/.json field
+    column: str | None = None  # .parquet column (default: field)
+    hub_config: str | None = None
+    hub_split: str = "train"
+    split_salt: str = "gptforge"
+    skip_bad: bool = False
+    buffer_mb: float = 256.0
+    overwrite: bool = False
+    progress: bool = True
+    histogram: bool = True
+
+
+# ---- split rule -----------------------------------------------------------------------------------------------
+
+
+def is_validation(text: str, val_fraction: float, salt: str = "gptforge") -> bool:
+    """The stable per-document split: blake2b of (salt, first 1,024 characters) below ``val_fraction``."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(text[:SPLIT_HASH_CHARS].encode("utf-8", "surrogatepass"), digest_size=8,
+                        key=salt.encode()[:64])
+    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
+
+
+# ---- workers --------------------------------------------------------------------------------------------------
+
+_ENCODER = None
+
+
+def encoder_payload(tokenizer) -> tuple:
+    """A picklable description of ``tokenizer`` from which a worker rebuilds a fast plain-text encoder."""
+    from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer
+
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return ("tiktoken", tokenizer._ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
+    if isinstance(tokenizer, BPETokenizer):
+        ranks = tokenizer.tiktoken_ranks()
+        if ranks is not None:  # same ids, several times faster than HF on long texts
+            return ("tiktoken", ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
+        return ("hf", tokenizer._tok.to_str(), tokenizer.name, tokenizer.eot_id)
+    raise GptforgeError(f"cannot prepare data with a tokenizer of kind {tokenizer.kind!r}")
+
+
+def _init_worker(payload: tuple, dtype: str) -> None:
+    global _ENCODER
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if payload[0] == "tiktoken":
+        from gptforge.tokenizer import tiktoken_encoding
+
+        enc = tiktoken_encoding(payload[1], payload[2])
+        encode = enc.encode_ordinary
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from gptforge.tokenizer import BPETokenizer
+
+        tok = BPETokenizer(HFTokenizer.from_str(payload[1]), name=payload[2])
+        encode = tok.encode  # special-token strings in the text stay plain text
+    _ENCODER = (encode, payload[-1], np.dtype(dtype))
+
+
+def encode_batch(texts: list[str], firsts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the pieces in order, an end-of-text before each document start; and tokens per piece."""
+    encode, eot, dtype = _ENCODER
+    parts = []
+    counts = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        ids = encode(text)
+        if firsts[i]:
+            parts.append((eot,))
+        parts.append(ids)
+        counts[i] = len(ids) + int(firsts[i])
+    total = int(counts.sum())
+    out = np.empty(total, dtype=dtype)
+    pos = 0
+    for p in parts:
+        n = len(p)
+        out[pos:pos + n] = p
+        pos += n
+    return out, counts
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Accumulates one split's tokens and writes full shards of exactly ``shard_tokens`` tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, kill_after: int | None = None):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.chunks: list[np.ndarray] = []
+        self.pending = 0
+        self.shards: list[dict] = []
+        self.tokens = 0  # all tokens appended, written or pending
+        self.kill_after = kill_after
+
+    def append(self, tokens: np.ndarray) -> bool:
+        """Add tokens; returns True when at least one shard was written."""
+        if tokens.size == 0:
+            return False
+        self.chunks.append(tokens)
+        self.pending += tokens.size
+        self.tokens += tokens.size
+        wrote = False
+        while self.pending >= self.shard_tokens:
+            buf = np.concatenate(self.chunks)
+            self._write(buf[: self.shard_tokens])
+            rest = buf[self.shard_tokens:]
+            self.chunks, self.pending = ([rest] if rest.size else []), rest.size
+            wrote = True
+        return wrote
+
+    def tail(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.empty(0, dtype=self.dtype)
+
+    def restore(self, shards: list[dict], tail: np.ndarray) -> None:
+        self.shards = list(shards)
+        self.chunks = [tail] if tail.size else []
+        self.pending = tail.size
+        self.tokens = sum(s["tokens"] for s in shards) + tail.size
+
+    def finish(self) -> None:
+        if self.pending:
+            self._write(self.tail())
+            self.chunks, self.pending = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        from gptforge.data.registry import sha256_file
+
+        name = shardfmt.shard_name(self.split, len(self.shards))
+        path = self.out / name
+        shardfmt.write_shard(path, tokens, self.dtype)
+        self.shards.append({"name": name, "split": self.split, "tokens": int(tokens.size),
+                            "sha256": sha256_file(path)})
+        if self.kill_after is not None and len(self.shards) >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between a shard and its checkpoint
+
+
+class DocStats:
+    """Documents per split and a log2 histogram of document lengths in tokens (end-of-text excluded)."""
+
+    BINS = 40
+
+    def __init__(self):
+        self.docs = {"train": 0, "val": 0}
+        self.hist = np.zeros(self.BINS, dtype=np.int64)
+        self.open_len = -1  # tokens so far of the document still being read (-1: none)
+        self.max_len = 0
+
+    def add(self, counts: np.ndarray, firsts: np.ndarray, vals: np.ndarray) -> None:
+        lengths = counts - firsts  # EOT not counted
+        starts = np.flatnonzero(firsts)
+        if starts.size == 0:
+            if self.open_len >= 0:
+                self.open_len += int(lengths.sum())
+            return
+        if self.open_len >= 0:
+            self._record(np.array([self.open_len + int(lengths[: starts[0]].sum())]))
+        sums = np.add.reduceat(lengths, starts)
+        self._record(sums[:-1])
+        self.open_len = int(sums[-1])
+        n_val = int(vals[starts].sum())
+        self.docs["val"] += n_val
+        self.docs["train"] += int(starts.size) - n_val
+
+    def close(self) -> None:
+        if self.open_len >= 0:
+            self._record(np.array([self.open_len]))
+            self.open_len = -1
+
+    def _record(self, lengths: np.ndarray) -> None:
+        if lengths.size:
+            bins = np.frexp(lengths.astype(np.float64))[1]  # bin b holds lengths in [2^(b-1), 2^b)
+            self.hist += np.bincount(np.clip(bins, 0, self.BINS - 1), minlength=self.BINS)
+            self.max_len = max(self.max_len, int(lengths.max()))
+
+    def state(self) -> dict:
+        return {"docs": self.docs, "hist": self.hist.tolist(), "open_len": self.open_len, "max_len": self.max_len}
+
+    def load(self, s: dict) -> None:
+        self.docs, self.hist = dict(s["docs"]), np.array(s["hist"], dtype=np.int64)
+        self.open_len, self.max_len = s["open_len"], s["max_len"]
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(cfg: PrepareConfig, tokenizer, sources) -> dict:
+    return {
+        "tokenizer": {"name": tokenizer.name, "hash": tokenizer.content_hash(), "vocab_size": tokenizer.vocab_size},
+        "sources": [{**s.describe(), "bytes": s.size} for s in sources],
+        "val_fraction": cfg.val_fraction, "split_salt": cfg.split_salt, "shard_tokens": cfg.shard_tokens,
+        "max_tokens": cfg.max_tokens, "skip_bad": cfg.skip_bad,
+    }
+
+
+def _our_files(out: Path) -> list[Path]:
+    names = [shardfmt.MANIFEST, STATE, HISTOGRAM_PNG]
+    return ([out / n for n in names if (out / n).exists()] + sorted(out.glob("train_*.bin*"))
+            + sorted(out.glob("val_*.bin*")) + sorted(out.glob(".prepare_tail_*.npz")))
+
+
+def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str, dict | None]:
+    """('fresh'|'done'|'resume', previous state) after checking what ``out`` already holds."""
+    manifest_path, state_path = out / shardfmt.MANIFEST, out / STATE
+    previous = None
+    if manifest_path.is_file():
+        previous = shardfmt.read_manifest(out)
+    elif state_path.is_file():
+        previous = json.loads(state_path.read_text(encoding="utf-8"))
+    if overwrite:
+        for p in _our_files(out):
+            p.unlink()
+        return "fresh", None
+    if previous is None:
+        stray = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin"))
+        if stray:
+            raise GptforgeError(f"{out} already holds shards ({stray[0].name}, ...) but no manifest: "
+                                "use a new --out directory or pass --overwrite")
+        return "fresh", None
+    old = previous.get("fingerprint", {})
+    old_tok, new_tok = old.get("tokenizer", {}), fingerprint["tokenizer"]
+    if old_tok.get("hash") != new_tok["hash"]:
+        raise GptforgeError(
+            f"{out} holds shards made with tokenizer {old_tok.get('name')!r} (hash {old_tok.get('hash')}, vocab "
+            f"{old_tok.get('vocab_size')}), not {new_tok['name']!r} (hash {new_tok['hash']}, vocab "
+            f"{new_tok['vocab_size']}): use a new --out directory or pass --overwrite")
+    if old != fingerprint:
+        changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        raise GptforgeError(f"{out} holds data prepared with different options ({', '.join(changed)}): "
+                            "use a new --out directory or pass --overwrite")
+    return ("done" if manifest_path.is_file() else "resume"), previous
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
+    """Tokenize ``cfg.sources`` into ``cfg.out``; returns the manifest. See the module doc for guarantees."""
+    from gptforge.tokenizer import load_tokenizer
+
+    if not 0 <= cfg.val_fraction < 1:
+        raise GptforgeError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.shard_tokens < 1:
+        raise GptforgeError(f"--shard-tokens must be positive, got {cfg.shard_tokens}")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise GptforgeError(f"--max-tokens must be positive, got {cfg.max_tokens}")
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    sources = expand_sources(cfg.sources, cfg.separator, cfg.field, cfg.column, cfg.hub_config, cfg.hub_split)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(cfg, tokenizer, sources)
+    status, previous = _check_existing(out, fingerprint, cfg.overwrite)
+    if status == "done":
+        if cfg.progress:
+            print(f"{out}: already prepared ({previous['tokens']['train']:,} train + {previous['tokens']['val']:,} "
+                  "val tokens); pass --overwrite to redo it")
+        return previous
+    return _Run(cfg, tokenizer, sources, out, fingerprint, previous).run()
+
+
+class _Run:
+    def __init__(self, cfg, tokenizer, sources, out, fingerprint, previous):
+        self.cfg, self.tokenizer, self.sources, self.out = cfg, tokenizer, sources, out
+        self.fingerprint = fingerprint
+        self.dtype = shardfmt.token_dtype(tokenizer.vocab_size)
+        kill = os.environ.get("GPTFORGE_PREPARE_KILL_AFTER_SHARDS")
+        kill_after = int(kill) if kill else None
+        self.writers = {s: ShardWriter(out, s, self.dtype, cfg.shard_tokens, kill_after) for s in ("train", "val")}
+        self.docs = DocStats()
+        self.read = ReadStats()
+        self.per_source_docs: list[int] = []
+        self.pieces_done = 0
+        self.bytes_done = 0
+        self.generation = 0
+        self.workers = cfg.workers or os.cpu_count() or 1
+        self.inflight = 2 * self.workers
+        buffer_chars = int(cfg.buffer_mb * 2**20)
+        # Text in flight ≈ (inflight + 1) batches; a piece never exceeds a batch.
+        self.batch_chars = max(1 << 12, min(4 << 20, buffer_chars // (self.inflight + 2)))
+        self.piece_chars = min(DEFAULT_PIECE_CHARS, self.batch_chars)
+        self.budget = cfg.max_tokens
+        self.start_time = time.time()
+        self.elapsed_before = 0.0
+        if previous is not None:
+            self._restore(previous)
+
+    # -- checkpoints --
+
+    def _restore(self, state: dict) -> None:
+        tails_path = self.out / state["tails"]
+        with np.load(tails_path) as z:
+            tails = {s: z[s].astype(self.dtype) for s in ("train", "val")}
+        for s, w in self.writers.items():
+            w.restore(state["shards"][s], tails[s])
+        keep = {d["name"] for s in state["shards"].values() for d in state["shards"][s]}
+        for stale in list(self.out.glob("train_*.bin*")) + list(self.out.glob("val_*.bin*")):
+            if stale.name not in keep:
+                stale.unlink()  # written after the last checkpoint: will be written again
+        self.docs.load(state["docs"])
+        self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]
+        self.generation = state["generation"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+
+    def _checkpoint(self) -> None:
+        self.generation += 1
+        tails = f".prepare_tail_{self.generation:06d}.npz"
+        tmp = self.out / (tails + ".tmp.npz")
+        np.savez(tmp, train=self.writers["train"].tail(), val=self.writers["val"].tail())
+        os.replace(tmp, self.out / tails)
+        state = {"fingerprint": self.fingerprint, "generation": self.generation, "tails": tails,
+                 "pieces_done": self.pieces_done, "bytes_done": self.bytes_done, "docs": self.docs.state(),
+                 "shards": {s: w.shards for s, w in self.writers.items()},
+                 "elapsed_s": self.elapsed_before + time.time() - self.start_time}
+        _atomic_json(self.out / STATE, state)
+        for old in self.out.glob(".prepare_tail_*.npz"):
+            if old.name != tails:
+                old.unlink()
+
+    # -- reading --
+
+    def _batches(self):
+        """(texts, firsts, vals, nbytes) batches of pieces after the ``pieces_done`` already written."""
+        texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
+        index = 0
+        is_val = False
+        for src in self.sources:
+            before = self.read.documents
+            for piece in src.pieces(self.read, self.piece_chars, self.cfg.skip_bad):
+                if piece.first:
+                    is_val = is_validation(piece.text, self.cfg.val_fraction, self.cfg.split_salt)
+                index += 1
+                if index <= self.pieces_done:
+                    continue
+                texts.append(piece.text)
+                firsts.append(piece.first)
+                vals.append(is_val)
+                nbytes += piece.nbytes
+                chars += len(piece.text)
+                if chars >= self.batch_chars:
+                    yield texts, np.array(firsts), np.array(vals), nbytes
+                    texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
+            self.per_source_docs.append(self.read.documents - before)
+        if texts:
+            yield texts, np.array(firsts), np.array(vals), nbytes
+
+    # -- main loop --
+
+    def run(self) -> dict:
+        payload = encoder_payload(self.tokenizer)
+        if self.pieces_done == 0 and not (self.out / STATE).exists():
+            self._checkpoint()  # marks the directory as ours from the first byte on
+        total_bytes = sum(s.size for s in self.sources) if all(s.size is not None for s in self.sources) else None
+        bar = _progress(self.cfg.progress, total_bytes, self.bytes_done)
+        done = self._budget_left() == 0
+        try:
+            if not done:
+                if self.workers == 1:
+                    _init_worker(payload, self.dtype.str)
+                    for batch in self._batches():
+                        if self._consume(batch, encode_batch(batch[0], batch[1]), bar):
+                            break
+                else:
+                    self._run_pool(payload, bar)
+        finally:
+            bar.close()
+        return self._finish()
+
+    def _run_pool(self, payload, bar) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(payload, self.dtype.str)) as pool:
+            pending: deque = deque()
+            batches = self._batches()
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < self.inflight:
+                    batch = next(batches, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    pending.append((batch, pool.submit(encode_batch, batch[0], batch[1])))
+                if not pending:
+                    return
+                batch, future = pending.popleft()
+                if self._consume(batch, future.result(), bar):
+                    for _, f in pending:
+                        f.cancel()
+                    return
+
+    def _budget_left(self) -> int | None:
+        if self.budget is None:
+            return None
+        return max(0, self.budget - self.writers["train"].tokens - self.writers["val"].tokens)
+
+    def _consume(self, batch, result, bar) -> bool:
+        """Route one batch's tokens to the splits; returns True when the token budget is reached."""
+        texts, firsts, vals, nbytes = batch
+        tokens, counts = result
+        left = self._budget_left()
+        stop = False
+        if left is not None and tokens.size >= left:
+            cum = np.cumsum(counts)
+            last = int(np.searchsorted(cum, left, side="left"))  # the piece that reaches the budget
+            counts = counts[: last + 1].copy()
+            counts[-1] -= int(cum[last]) - left
+            tokens, firsts, vals = tokens[:left], firsts[: last + 1], vals[: last + 1]
+            stop = True
+        if vals.any():
+            mask = np.repeat(vals, counts)
+            wrote = self.writers["train"].append(tokens[~mask])
+            wrote = self.writers["val"].append(tokens[mask]) or wrote
+        else:
+            wrote = self.writers["train"].append(tokens)
+        self.docs.add(counts, firsts.astype(np.int64), vals)
+        self.pieces_done += len(counts)
+        self.bytes_done += nbytes
+        bar.update(nbytes)
+        elapsed = max(1e-9, time.time() - self.start_time)
+        bar.set_postfix_str(f"{(self.writers['train'].tokens + self.writers['val'].tokens) / elapsed / 1e6:.2f}M tok/s",
+                            refresh=False)
+        if wrote and not stop:
+            self._checkpoint()
+        return stop
+
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        if self.read.empty_files and len(self.read.empty_files) == len(self.sources):
+            raise GptforgeError(f"no text in the inputs: {', '.join(self.read.empty_files[:5])} "
+                                "hold no documents (empty files, or every record skipped)")
+        total = self.writers["train"].tokens + self.writers["val"].tokens
+        if total == 0:
+            raise GptforgeError("the inputs produced no tokens (empty files, or every record skipped)")
+        if cfg.val_fraction > 0 and self.writers["val"].tokens == 0:
+            n = self.docs.docs["train"] + self.docs.docs["val"] + (1 if self.docs.open_len >= 0 else 0)
+            raise GptforgeError(
+                f"no document fell into the validation split ({n:,} documents, --val-fraction {cfg.val_fraction}): "
+                "the split is per document, so use more documents (e.g. --text-sep blank for paragraphs, or a "
+                "literal separator), a larger --val-fraction, or --val-fraction 0; add --overwrite to redo")
+        self.docs.close()
+        for w in self.writers.values():
+            w.finish()
+        elapsed = self.elapsed_before + time.time() - self.start_time
+        tok_dir = self.out / "tokenizer"
+        self.tokenizer.save(tok_dir)
+        manifest = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "tokenizer": {"name": self.tokenizer.name, "kind": self.tokenizer.kind,
+                          "hash": self.tokenizer.content_hash(), "vocab_size": self.tokenizer.vocab_size,
+                          "eot_id": self.tokenizer.eot_id, "path": "tokenizer"},
+            "dtype": self.dtype.name,
+            "shard_tokens": cfg.shard_tokens,
+            "sources": [{**s.describe(), "bytes": s.size,
+                         "documents": self.per_source_docs[i] if i < len(self.per_source_docs) else None}
+                        for i, s in enumerate(self.sources)],
+            "documents": dict(self.docs.docs),
+            "tokens": {s: w.tokens for s, w in self.writers.items()},
+            "bytes": self.bytes_done,
+            "split": {"rule": f"per document: blake2b(key=split_salt, first {SPLIT_HASH_CHARS} characters) "
+                              "/ 2^64 < val_fraction", "val_fraction": cfg.val_fraction, "split_salt": cfg.split_salt},
+            "document_boundary": "<|endoftext|> (eot_id) before every document",
+            "max_tokens": cfg.max_tokens,
+            "bad_utf8_replaced": self.read.bad_utf8,
+            "skipped_records": self.read.skipped,
+            "doc_length_histogram": {"bins": "bin b counts documents of [2^(b-1), 2^b) tokens",
+                                     "counts": self.docs.hist.tolist(), "max": self.docs.max_len},
+            "shards": self.writers["train"].shards + self.writers["val"].shards,
+            "elapsed_s": round(elapsed, 3),
+        }
+        _atomic_json(self.out / shardfmt.MANIFEST, manifest)
+        (self.out / STATE).unlink(missing_ok=True)
+        for old in self.out.glob(".prepare_tail_*.npz"):
+            old.unlink()
+        if cfg.histogram:
+            plot_histogram(manifest, self.out / HISTOGRAM_PNG)
+        if cfg.progress:
+            print(summary(manifest, self.out))
+        return manifest
+
+
+def _progress(enabled: bool, total: int | None, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc="prepare", disable=not enabled,
+                smoothing=0.1, dynamic_ncols=True)
+
+
+def summary(manifest: dict, out: Path) -> str:
+    """One paragraph: tokens, documents, shards, throughput, warnings, where things went."""
+    tok, docs = manifest["tokens"], manifest["documents"]
+    total = tok["train"] + tok["val"]
+    secs = max(manifest["elapsed_s"], 1e-9)
+    n_train = sum(1 for s in manifest["shards"] if s["split"] == "train")
+    n_val = len(manifest["shards"]) - n_train
+    text = (f"prepared {total:,} tokens ({tok['train']:,} train / {tok['val']:,} val) from {docs['train'] + docs['val']:,} "
+            f"documents ({docs['val']:,} val) and {manifest['bytes'] / 1e6:.1f} MB of text "
+            f"({manifest['bytes'] / max(total, 1):.2f} bytes/token) with tokenizer {manifest['tokenizer']['name']} "
+            f"(vocab {manifest['tokenizer']['vocab_size']:,}, {manifest['dtype']}) in {secs:.1f}s "
+            f"({manifest['bytes'] / secs / 1e6:.1f} MB/s, {total / secs / 1e6:.2f}M tokens/s); "
+            f"{n_train} train + {n_val} val shards in {out}")
+    if manifest["bad_utf8_replaced"]:
+        text += f"; {manifest['bad_utf8_replaced']:,} invalid UTF-8 sequences replaced with U+FFFD"
+    if manifest["skipped_records"]:
+        text += f"; {manifest['skipped_records']:,} bad records skipped"
+    if (out / HISTOGRAM_PNG).exists():
+        text += f"; document lengths: {out / HISTOGRAM_PNG}"
+    return text + "."
+
+
+def plot_histogram(manifest: dict, path: Path) -> None:
+    """Document-length histogram (log2 bins) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.array(manifest["doc_length_histogram"]["counts"])
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return
+    lo, hi = int(nz[0]), int(nz[-1])
+    labels = [f"<{2 ** b:,}" if b > 0 else "0" for b in range(lo, hi + 1)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(labels)), counts[lo:hi + 1], color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("document length (tokens, log2 bins)")
+    ax.set_ylabel("documents")
+    docs = manifest["documents"]
+    ax.set_title(f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def config_dict(cfg: PrepareConfig) -> dict:
+    return asdict(cfg)
