@@ -8,7 +8,9 @@ def register(sub) -> None:
                    "pretrain a GPT on prepared token shards (single process, or under torchrun for DDP/FSDP)",
                    "gptforge pretrain --config recipes/cpu-tinyshakespeare.yaml --data.path=data/shakespeare "
                    "--train.max_steps=200", accepts_overrides=True)
-    p.add_argument("--config", default=None, help="recipe YAML (sections model/data/train/optim/eval/checkpoint/log)")
+    p.add_argument("--config", action="append", default=[],
+                   help="recipe YAML (sections model/data/train/optim/eval/checkpoint/log); repeat to layer "
+                        "override files, e.g. an intervention on top of a baseline")
     p.add_argument("--name", default=None, help="run name: outputs go to <out_dir>/<name> (default from the recipe)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest valid checkpoint")
     p.add_argument("--fallback", action="store_true",
@@ -29,7 +31,9 @@ def build_config(args):
     from gptforge.config import deep_merge, from_dict, parse_overrides, read_yaml
     from gptforge.train.pretrain import PretrainConfig
 
-    data = read_yaml(args.config) if args.config else {}
+    data: dict = {}
+    for path in args.config:
+        data = deep_merge(data, read_yaml(path))
     data = deep_merge(data, parse_overrides(list(args.overrides or [])))
     flags: dict = {}
     if args.name:

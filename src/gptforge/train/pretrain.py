@@ -488,7 +488,16 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
     micro_auto = not isinstance(cfg.train.micro_batch, int)
     if micro_auto and cfg.train.micro_batch != "auto":
         raise GptforgeError(f"train.micro_batch must be an integer or 'auto', got {cfg.train.micro_batch!r}")
-    plan = compute_plan(cfg, model_config, world, mb, _data_train_tokens(cfg.data.path))
+    train_tokens = _data_train_tokens(cfg.data.path)
+    length_unknown = cfg.train.epochs is not None and train_tokens is None
+    if length_unknown:  # epochs over data that is not prepared here: show everything but the length
+        import copy
+
+        probe = copy.deepcopy(cfg)
+        probe.train.epochs, probe.train.max_steps = None, 1
+        plan = compute_plan(probe, model_config, world, mb, None)
+    else:
+        plan = compute_plan(cfg, model_config, world, mb, train_tokens)
     precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16 (on CUDA) / fp32 (CPU)"
     mem_precision = cfg.train.precision if cfg.train.precision in ("fp32", "bf16", "fp16") else "bf16"
     mem = training_memory(model_config, plan.micro_batch, plan.seq_len, mem_precision)
@@ -507,10 +516,17 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
         + (f" (weights from {cfg.model.init_from})" if cfg.model.init_from else ""))
     log(f"  batch: {plan.global_batch} sequences × {plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step "
         f"= micro-batch {info['micro_batch']} × {world} process(es) × {plan.grad_accum} accumulation steps")
-    log(f"  length: {plan.total_steps:,} steps, {plan.total_tokens:,} tokens "
-        f"({plan.total_tokens / max(1, plan.params):.1f} tokens/parameter), warmup {plan.warmup_steps} steps, "
-        f"{cfg.optim.schedule} schedule, lr {cfg.optim.lr:g}")
-    log(f"  compute: {info['total_flops']:.3e} FLOPs; precision {precision}; compile {cfg.train.compile}")
+    if length_unknown:
+        info["total_steps"] = info["total_tokens"] = None
+        log(f"  length: {cfg.train.epochs:g} epoch(s) of {cfg.data.path} (not prepared here, so steps unknown), "
+            f"warmup {plan.warmup_steps} steps, {cfg.optim.schedule} schedule, lr {cfg.optim.lr:g}")
+    else:
+        log(f"  length: {plan.total_steps:,} steps, {plan.total_tokens:,} tokens "
+            f"({plan.total_tokens / max(1, plan.params):.1f} tokens/parameter), warmup {plan.warmup_steps} steps, "
+            f"{cfg.optim.schedule} schedule, lr {cfg.optim.lr:g}")
+    if length_unknown:
+        info["total_flops"] = None
+    log(f"  compute: {info['total_flops'] or 0:.3e} FLOPs; precision {precision}; compile {cfg.train.compile}")
     log(f"  memory per process (estimate, {mem_precision}, micro-batch {plan.micro_batch}): "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in mem.rows()))
     if plan.train_tokens is None:
@@ -522,9 +538,9 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
 
 def _dry_model_config(cfg: PretrainConfig) -> GPTConfig:
     if cfg.model.init_from:
-        src = Path(cfg.model.init_from)
-        if src.exists():
+        if Path(cfg.model.init_from).exists():
             return _init_source_config(cfg)
+        print(f"  (weights {cfg.model.init_from} not found here: showing the shape of preset {cfg.model.preset!r})")
     vocab = None
     if cfg.model.vocab_size is None and cfg.data.path and Path(cfg.data.path).is_dir():
         try:
