@@ -275,3 +275,15 @@ def test_fit_messages_drops_oldest_turns_but_keeps_system(data_dir):
     assert fitted[1:] == msgs[len(msgs) - len(fitted) + 1 :]  # the most recent turns, in order
     one_more = [fitted[0]] + msgs[len(msgs) - len(fitted) :]
     assert len(eng.encode_prompt(eng.render_chat(one_more))) > 48  # nothing droppable was kept needlessly
+
+
+def test_sampler_draws_from_the_processed_distribution():
+    from gptforge.sampling import choose_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    scores = torch.log(probs).expand(4000, 5).clone()  # 4000 rows sampled at once
+    g = torch.Generator().manual_seed(0)
+    draws = choose_tokens(scores, torch.zeros(4000, dtype=torch.bool), [g] * 4000)
+    freq = torch.bincount(draws, minlength=5).float() / 4000
+    assert freq[1] == 0  # a filtered (-inf) token is never drawn
+    assert torch.allclose(freq, probs, atol=0.03)
