@@ -1,0 +1,116 @@
+"""``gptforge classify``: fine-tune a checkpoint into a text classifier; ``gptforge classify predict`` uses one."""
+
+from __future__ import annotations
+
+from gptforge.commands import add_parser
+
+EXAMPLE = ("gptforge classify --checkpoint runs/base --data ../shared/data/classify/SMSSpamCollection "
+           "--name spam --balance --trainable last_blocks --epochs 5\n"
+           "  gptforge classify predict --checkpoint runs/spam --text \"You won a free prize! Call now\"")
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "classify", "fine-tune a checkpoint as a text classifier (last-token head), or predict with one",
+                   EXAMPLE, accepts_overrides=True)
+    p.add_argument("--config", default=None, help="YAML recipe (e.g. recipes/classify-sms-spam.yaml)")
+    p.add_argument("--checkpoint", default=None, help="base model: step dir, run dir or Hugging Face GPT-2 directory")
+    p.add_argument("--data", default=None, metavar="FILE", help="labelled TSV, CSV or JSONL file")
+    p.add_argument("--name", default=None, help="run name: outputs go to <out-dir>/<name>/")
+    p.add_argument("--out-dir", default=None, help="parent of the run directory (default runs)")
+    p.add_argument("--text-column", default=None, help="column name, or 0-based index without a header")
+    p.add_argument("--label-column", default=None, help="column name, or 0-based index without a header")
+    p.add_argument("--balance", action="store_true", default=None, help="downsample classes to the smallest")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="skip malformed rows (counted)")
+    p.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
+    p.add_argument("--limit", type=int, default=None, help="use only N examples (seeded sample)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per text; longer texts are truncated")
+    p.add_argument("--trainable", default=None, choices=["all", "last_blocks", "head"],
+                   help="what trains: everything, the last k blocks + final LayerNorm + head, or the head only")
+    p.add_argument("--last-k", type=int, default=None, help="blocks that train with --trainable last_blocks")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
+    p.set_defaults(func=run)
+
+    psub = p.add_subparsers(dest="classify_command", metavar="[predict]")
+    pred = add_parser(psub, "predict", "class probabilities for new texts from a trained classifier",
+                      "gptforge classify predict --checkpoint runs/spam --text \"Are we still on for lunch?\"")
+    pred.add_argument("--checkpoint", required=True, help="classifier run directory or step directory")
+    pred.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
+    pred.add_argument("--file", default=None, help="a file with one text per line")
+    pred.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    pred.add_argument("--device", default="cpu")
+    pred.set_defaults(func=run_predict, accepts_overrides=False)
+
+
+def cli_overrides(args) -> dict:
+    from gptforge.errors import GptforgeError
+
+    o: dict = {}
+
+    def put(section: str | None, key: str, value) -> None:
+        if value is not None:
+            (o.setdefault(section, {}) if section else o)[key] = value
+
+    put(None, "checkpoint", args.checkpoint)
+    put(None, "name", args.name)
+    put(None, "out_dir", args.out_dir)
+    put(None, "device", args.device)
+    put("data", "path", args.data)
+    put("data", "text_column", args.text_column)
+    put("data", "label_column", args.label_column)
+    put("data", "balance", args.balance)
+    put("data", "skip_bad", args.skip_bad)
+    put("data", "limit", args.limit)
+    put("data", "max_len", args.max_len)
+    if args.split:
+        try:
+            put("data", "split", [float(x) for x in args.split.split(",")])
+        except ValueError:
+            raise GptforgeError(f"--split expects three comma-separated fractions like 0.7,0.1,0.2, "
+                                f"got {args.split!r}") from None
+    for key in ("trainable", "last_k", "epochs", "max_steps", "batch_size", "lr"):
+        put("train", key, getattr(args, key))
+    return o
+
+
+def run(args) -> int:
+    from gptforge.config import deep_merge, load_config, parse_overrides
+    from gptforge.train.classify import ClassifyConfig, run_classify
+
+    overrides = deep_merge(cli_overrides(args), parse_overrides(args.overrides or []))
+    config = load_config(ClassifyConfig, args.config, overrides)
+    result = run_classify(config)
+    test = result.metrics.get("test")
+    if test:
+        print(f"test accuracy {test.accuracy:.2%} on {test.size} examples")
+    print(f"classifier: {result.checkpoint}")
+    print(f"try it: gptforge classify predict --checkpoint {result.run_dir} --text \"...\"")
+    return 0
+
+
+def run_predict(args) -> int:
+    import json
+    from pathlib import Path
+
+    from gptforge.errors import GptforgeError
+    from gptforge.train.classify import load_classifier, predict
+
+    texts = list(args.text)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise GptforgeError(f"text file not found: {path}")
+        texts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise GptforgeError("nothing to classify: pass --text TEXT (repeatable) or --file FILE")
+    model, tokenizer, info = load_classifier(args.checkpoint, device=args.device)
+    for row in predict(model, tokenizer, info, texts, device=args.device):
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+            print(f"{row['label']:>12s}  {probs}  {row['text'][:80]}")
+    return 0

@@ -1,0 +1,195 @@
+"""Instruction SFT end to end on real data, from a tiny model pretrained inside the test session."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.checkpoint import load_model, save_model
+from gptforge.cli import main as cli_main
+from gptforge.config import load_config
+from gptforge.errors import GptforgeError
+from gptforge.model import GPT, GPTConfig
+from gptforge.tokenizer import EOT, IM_END, IM_START, BPETokenizer
+from gptforge.train.sft import SFTConfig, neftune_hook, resize_vocab, run_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(data_dir, tmp_path_factory):
+    """A small byte-level BPE (1,024 tokens) and a 2-layer GPT briefly pretrained on TinyStories."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    torch.set_num_threads(1)
+    stories = (data_dir / "pretrain" / "tinystories-sample.txt").read_text(encoding="utf-8")
+    records = json.loads((data_dir / "instruct" / "instruction-data.json").read_text(encoding="utf-8"))
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([stories] + [f"{r['instruction']} {r['input']} {r['output']}" for r in records], trainer)
+    tokenizer = BPETokenizer(hf, "tiny-bpe")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=2, n_head=2, n_embd=64))
+    data = torch.tensor(tokenizer.encode(stories))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    T, B = 128, 8
+    for _ in range(80):
+        starts = torch.randint(len(data) - T - 1, (B,))
+        x = torch.stack([data[s:s + T] for s in starts])
+        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
+        _, loss = model(x, targets=y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 6.0  # well below ln(1024) = 6.93: it learned something
+    directory = tmp_path_factory.mktemp("base") / "tiny"
+    save_model(directory, model, tokenizer)
+    return directory
+
+
+def _config(base, out_dir, **sections) -> SFTConfig:
+    tree = {"checkpoint": str(base), "out_dir": str(out_dir), "device": "cpu", "name": "run",
+            "data": {}, "train": {}, "generate": {}}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree[section].update(values)
+        else:
+            tree[section] = values
+    return load_config(SFTConfig, None, tree)
+
+
+def test_sft_on_real_instructions_lowers_val_loss_and_learns_to_stop(tiny_base, tmp_path, data_dir):
+    config = _config(tiny_base, tmp_path, name="chat",
+                     data={"sources": [str(data_dir / "instruct" / "instruction-data.json")], "limit": 300},
+                     train={"epochs": 4, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05, "neftune_alpha": 5.0},
+                     generate={"max_new_tokens": 48})
+    result = run_sft(config, progress=False)
+
+    assert result.best_val_loss < result.initial_val_loss - 1.0, (result.initial_val_loss, result.val_losses)
+    assert result.best_val_loss == min(result.val_losses)
+    assert result.stop_rate >= 0.6, result.stop_rate  # ends its answers with <|im_end|> on most test prompts
+    records = json.loads((result.run_dir / "test_responses.json").read_text())
+    assert len(records) == 30  # 10 % of 300
+    assert set(records[0]) >= {"instruction", "input", "reference", "response", "model"}
+    assert all(IM_END not in r["response"] for r in records)
+
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "ckpt/best", "ckpt/latest"):
+        assert (run / name).exists(), name
+    assert (run / "ckpt" / "latest").read_text().strip() == result.checkpoint.name
+    # the checkpoint carries the grown vocabulary, the new tokens and the chat template
+    model, tokenizer, meta = load_model(run, device="cpu")
+    assert {IM_START, IM_END} <= set(tokenizer.special_tokens)
+    assert model.config.vocab_size == tokenizer.vocab_size == 1026
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert meta["sft"]["style"] == "chat"
+
+
+def test_early_stopping_restores_the_best_weights(tiny_base, tmp_path, data_dir):
+    # an absurd learning rate makes validation loss rise after the first evaluation
+    config = _config(tiny_base, tmp_path, name="early",
+                     data={"sources": [str(data_dir / "instruct" / "instruction-data.json")], "limit": 120,
+                           "style": "alpaca", "batching": "pack", "max_len": 256},
+                     train={"epochs": 20, "batch_size": 4, "lr": 0.05, "warmup_ratio": 0.0, "schedule": "constant",
+                            "eval_every": 2, "patience": 2, "grad_clip": 0.0},
+                     generate={"enabled": False})
+    result = run_sft(config, progress=False)
+    assert result.stopped_early
+    assert result.steps < 20 * 100
+    best = min(result.val_losses)
+    assert result.best_val_loss == best
+    assert result.val_losses[-1] > best and result.val_losses[-2] > best  # patience 2 used up
+    # the saved final model is the best one: its validation loss is the best loss, not the last
+    from gptforge.data.chat import encode_dataset, prompt_style, split_indices, to_conversations, load_records
+    from gptforge.train.sft import evaluate_loss
+
+    model, tokenizer, _ = load_model(result.run_dir, device="cpu")
+    convs, _ = to_conversations(load_records(config.data.sources[0]))
+    import random
+
+    random.Random(0).shuffle(convs)
+    convs = convs[:120]
+    val = [convs[i] for i in split_indices(120, [0.85, 0.05, 0.10], 0)[1]]
+    examples, _ = encode_dataset(val, tokenizer, prompt_style("alpaca"), 256, progress=False)
+    from contextlib import nullcontext
+
+    loss = evaluate_loss(model, examples, 16, tokenizer.eot_id, "cpu", nullcontext())
+    assert math.isclose(loss, best, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_vocab_initialises_new_rows_to_the_mean_and_keeps_old_logits(tied):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=tied)).eval()
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        before, _ = model(x)
+    old_wte = model.transformer.wte.weight.detach().clone()
+    old_head = model.lm_head.weight.detach().clone()
+    resize_vocab(model, 102)
+    assert model.config.vocab_size == 102 and model.transformer.wte.weight.shape == (102, 16)
+    assert model.lm_head.weight.shape == (102, 16)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    torch.testing.assert_close(model.transformer.wte.weight[100], old_wte.mean(0))
+    torch.testing.assert_close(model.lm_head.weight[101], old_head.mean(0))
+    with torch.no_grad():
+        after, _ = model(x)
+    torch.testing.assert_close(after[..., :100], before)
+
+
+def test_neftune_noise_has_the_paper_scale():
+    torch.manual_seed(0)
+    x = torch.zeros(4, 50, 32)
+    noisy = neftune_hook(5.0)(x)
+    bound = 5.0 / math.sqrt(50 * 32)
+    assert noisy.abs().max() <= bound
+    assert noisy.abs().mean() == pytest.approx(bound / 2, rel=0.05)  # uniform(-b, b) has mean |x| = b/2
+
+
+@pytest.mark.parametrize("recipe,check", [
+    ("sft-alpaca-dolly.yaml", lambda c: c.train.neftune_alpha == 5.0 and c.train.patience == 3
+     and c.data.style == "chat" and c.data.split == [0.9, 0.1, 0.0] and c.train.batch_size * c.train.grad_accum == 32),
+    ("sft-alpaca-gpt2-2epochs.yaml", lambda c: c.train.epochs == 2 and c.data.style == "alpaca"
+     and c.data.split == [0.85, 0.05, 0.10]),
+])
+def test_sft_recipes_load_into_the_config(recipe, check):
+    config = load_config(SFTConfig, ROOT / "recipes" / recipe)
+    assert check(config.validate())
+
+
+def test_cli_reports_bad_records_with_their_index(tiny_base, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]))
+    rc = cli_main(["sft", "--checkpoint", str(tiny_base), "--data", str(bad), "--out-dir", str(tmp_path)])
+    assert rc == 2
+    assert "record 1: missing field 'output'" in capsys.readouterr().err
+    rc = cli_main(["sft", "--data", str(bad)])
+    assert rc == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_cli_runs_a_short_sft_with_overrides(tiny_base, tmp_path, data_dir):
+    rc = cli_main(["sft", "--checkpoint", str(tiny_base), "--data", str(data_dir / "instruct" / "sharegpt-dummy.json"),
+                   "--name", "cli", "--out-dir", str(tmp_path), "--limit", "60", "--max-steps", "3",
+                   "--batching", "group", "--train-on", "last", "--max-new-tokens", "4", "--device", "cpu",
+                   "--train.log_every=1"])
+    assert rc == 0
+    lines = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train_loss" in x] == [1, 2, 3]
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 3
+    with pytest.raises(GptforgeError, match="unknown key"):
+        load_config(SFTConfig, None, ["--train.nope=1"])
