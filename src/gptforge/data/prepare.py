@@ -45,7 +45,7 @@ class PrepareConfig:
     shard_tokens: int = 100_000_000
     max_tokens: int | None = None
     workers: int = 0  # 0: all cores
-    separator: str = "file"  # .txt documents: file | blank | line | a literal like <|endoftext|>
+    separator: str | None = None  # .txt documents: file | blank | line | a literal; None: file (or the registry's)
     field: str = "text"  # .jsonl/.json field
     column: str | None = None  # .parquet column (default: field)
     hub_config: str | None = None
@@ -348,7 +348,7 @@ class _Run:
             tails = {s: z[s].astype(self.dtype) for s in ("train", "val")}
         for s, w in self.writers.items():
             w.restore(state["shards"][s], tails[s])
-        keep = {d["name"] for s in state["shards"].values() for d in state["shards"][s]}
+        keep = {d["name"] for shards in state["shards"].values() for d in shards}
         for stale in list(self.out.glob("train_*.bin*")) + list(self.out.glob("val_*.bin*")):
             if stale.name not in keep:
                 stale.unlink()  # written after the last checkpoint: will be written again
@@ -387,14 +387,14 @@ class _Run:
                 index += 1
                 if index <= self.pieces_done:
                     continue
+                if texts and chars + len(piece.text) > self.batch_chars:  # a batch never exceeds batch_chars
+                    yield texts, np.array(firsts), np.array(vals), nbytes
+                    texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
                 texts.append(piece.text)
                 firsts.append(piece.first)
                 vals.append(is_val)
                 nbytes += piece.nbytes
                 chars += len(piece.text)
-                if chars >= self.batch_chars:
-                    yield texts, np.array(firsts), np.array(vals), nbytes
-                    texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
             self.per_source_docs.append(self.read.documents - before)
         if texts:
             yield texts, np.array(firsts), np.array(vals), nbytes
@@ -490,7 +490,7 @@ class _Run:
         if total == 0:
             raise GptforgeError("the inputs produced no tokens (empty files, or every record skipped)")
         if cfg.val_fraction > 0 and self.writers["val"].tokens == 0:
-            n = self.docs.docs["train"] + self.docs.docs["val"] + (1 if self.docs.open_len >= 0 else 0)
+            n = self.docs.docs["train"] + self.docs.docs["val"]
             raise GptforgeError(
                 f"no document fell into the validation split ({n:,} documents, --val-fraction {cfg.val_fraction}): "
                 "the split is per document, so use more documents (e.g. --text-sep blank for paragraphs, or a "

@@ -44,13 +44,15 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in [
-    Dataset("tinyshakespeare", "Shakespeare plays, plain text (1.1 MB, one document)", "pretrain/tinyshakespeare.txt",
-            "txt", url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", separator="file",
+    # One file of plays: its blank-line-separated speeches serve as documents, so a per-document split works.
+    Dataset("tinyshakespeare", "Shakespeare plays, plain text (1.1 MB; speeches as documents)",
+            "pretrain/tinyshakespeare.txt", "txt",
+            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", separator="blank",
             license="public domain"),
     Dataset("wikitext2", "WikiText-2 raw, test split (1.3 MB)", "pretrain/wikitext2-raw-test.txt", "txt",
             hub="Salesforce/wikitext", hub_config="wikitext-2-raw-v1", hub_split="test",
-            sha256="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", separator="file",
+            sha256="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", separator="blank",
             license="CC BY-SA 3.0"),
     Dataset("tinystories", "TinyStories (roneneldan/TinyStories); locally a ~200-story sample, blank-line separated",
             "pretrain/tinystories-sample.txt", "txt", hub="roneneldan/TinyStories", separator="blank",

@@ -362,12 +362,13 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def expand_sources(items: list[str], separator: str = "file", field: str = "text", column: str | None = None,
+def expand_sources(items: list[str], separator: str | None = None, field: str = "text", column: str | None = None,
                    hub_config: str | None = None, hub_split: str = "train") -> list[Source]:
     """Turn paths, globs, registry names and hub ids into sources (globs sorted; order = document order).
 
     A registry name (``tinyshakespeare``, ``fineweb-edu``, ...) resolves to its local copy, or for hub
-    datasets to the hub when no local copy exists; ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
+    datasets to the hub when no local copy exists; ``separator=None`` means whole files, or the registry
+    entry's separator for named datasets. ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
     local path) is a hub dataset streamed with ``datasets``.
     """
     if not items:
@@ -386,7 +387,7 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
         if kind is None:
             raise GptforgeError(f"{path}: unknown file type {Path(path).suffix!r} (use .txt, .jsonl, .json, .parquet)")
         text_field = (column or field) if kind == "parquet" else field
-        return Source(kind, path, separator=sep or separator, field=fld or text_field)
+        return Source(kind, path, separator=separator or sep or "file", field=fld or text_field)
 
     if item.startswith("hf:"):
         return [Source("hub", item[3:], field=column or field, hub_config=hub_config, hub_split=hub_split)]

@@ -1,0 +1,147 @@
+"""`gptforge data prepare`: exact tokens, deterministic split, workers, bounded memory, resume, budget, errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptforge.cli import main
+from gptforge.data import prepare as prep
+from gptforge.data.prepare import PrepareConfig, is_validation, prepare
+from gptforge.data.shards import MANIFEST, list_shards, read_header, read_shard
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer import load_tokenizer, train_bpe
+
+
+def _tokens(out, split):
+    return np.concatenate([read_shard(p) for p in list_shards(out, split)])
+
+
+def _shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def corpus(data_dir):
+    """tinyshakespeare + wikitext (2.4 MB), paragraphs as documents."""
+    return [str(data_dir / "pretrain/tinyshakespeare.txt"), str(data_dir / "pretrain/wikitext2-raw-test.txt")]
+
+
+def test_shards_hold_eot_joined_documents_split_by_stable_hash(data_dir, tmp_path):
+    path = data_dir / "pretrain/tinystories-sample.txt"
+    m = prepare(PrepareConfig([str(path)], str(tmp_path), separator="blank", val_fraction=0.2, workers=1,
+                              shard_tokens=4000, progress=False))
+    gpt2 = load_tokenizer("gpt2")
+    docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    expect = {"train": [], "val": []}
+    for d in docs:
+        expect["val" if is_validation(d, 0.2) else "train"] += [50256] + gpt2.encode(d)
+    for split in ("train", "val"):
+        assert _tokens(tmp_path, split).tolist() == expect[split]
+    assert m["documents"]["val"] == sum(is_validation(d, 0.2) for d in docs) > 0
+    assert m["tokens"] == {s: len(v) for s, v in expect.items()}
+    # Fixed shard size, uint16 headers, checksums of the files.
+    train = [s for s in m["shards"] if s["split"] == "train"]
+    assert all(s["tokens"] == 4000 for s in train[:-1]) and 0 < train[-1]["tokens"] <= 4000
+    for s in m["shards"]:
+        assert read_header(tmp_path / s["name"]) == (np.dtype("<u2"), s["tokens"])
+        assert hashlib.sha256((tmp_path / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    assert m["tokenizer"]["hash"] == gpt2.content_hash() and m["dtype"] == "uint16"
+    assert m["sources"][0]["documents"] == len(docs) and m["bytes"] == path.stat().st_size
+    assert (tmp_path / "doc_lengths.png").stat().st_size > 1000
+    assert sum(m["doc_length_histogram"]["counts"]) == len(docs)
+
+
+def test_one_and_two_workers_write_identical_shards(corpus, tmp_path):
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(PrepareConfig(corpus, str(out), separator="blank", workers=workers, shard_tokens=150_000,
+                              buffer_mb=1, progress=False))
+        outs.append(out)
+    a, b = (_shard_bytes(o) for o in outs)
+    assert list(a) == [f"train_{i:05d}.bin" for i in range(5)] + ["val_00000.bin"]
+    assert a == b
+
+
+def test_small_buffer_bounds_text_in_flight_and_changes_nothing(corpus, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    prepare(PrepareConfig(corpus, str(ref), separator="file", val_fraction=0, workers=1, progress=False))
+    seen = []
+    real = prep.encode_batch
+
+    def spy(texts, firsts):
+        seen.append(sum(len(t) for t in texts))
+        return real(texts, firsts)
+
+    monkeypatch.setattr(prep, "encode_batch", spy)
+    small = tmp_path / "small"
+    buffer_mb = 0.1  # the corpus is 2.4 MB: 24× the buffer, and each file is one long document
+    prepare(PrepareConfig(corpus, str(small), separator="file", val_fraction=0, workers=1, buffer_mb=buffer_mb,
+                          progress=False))
+    # One worker keeps 2 batches in flight + 1 being read: each batch is at most buffer / 4 characters.
+    assert len(seen) > 80 and max(seen) <= buffer_mb * 2**20 / 4
+    assert _shard_bytes(small) == _shard_bytes(ref)
+
+
+def test_killed_prepare_resumes_from_last_shard_with_identical_bytes(corpus, tmp_path):
+    args = [sys.executable, "-m", "gptforge", "data", "prepare", *corpus, "--text-sep", "blank", "--workers", "1",
+            "--shard-tokens", "40000", "--val-fraction", "0.05", "--buffer-mb", "0.5", "--no-progress"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert subprocess.run(args + ["--out", str(ref)], capture_output=True).returncode == 0
+    env = {**os.environ, "GPTFORGE_PREPARE_KILL_AFTER_SHARDS": "6"}
+    killed = subprocess.run(args + ["--out", str(cut)], env=env, capture_output=True)
+    assert killed.returncode == -9  # SIGKILL right after shard 6, before its checkpoint
+    assert not (cut / MANIFEST).exists() and (cut / prep.STATE).exists()
+    state = json.loads((cut / prep.STATE).read_text())
+    assert 0 < state["pieces_done"] and len(state["shards"]["train"]) == 5
+    assert subprocess.run(args + ["--out", str(cut)], capture_output=True).returncode == 0
+    assert _shard_bytes(cut) == _shard_bytes(ref)
+    assert json.loads((cut / MANIFEST).read_text())["tokens"] == json.loads((ref / MANIFEST).read_text())["tokens"]
+    assert not list(cut.glob(".prepare*"))
+
+
+def test_max_tokens_budget_is_exact(corpus, tmp_path):
+    m = prepare(PrepareConfig(corpus, str(tmp_path), separator="blank", max_tokens=123_457, workers=1,
+                              shard_tokens=50_000, progress=False))
+    assert m["tokens"]["train"] + m["tokens"]["val"] == 123_457
+    assert len(_tokens(tmp_path, "train")) + len(_tokens(tmp_path, "val")) == 123_457
+
+
+def test_rerun_skips_and_tokenizer_mismatch_is_a_clear_error(data_dir, tmp_path, capsys):
+    src = [str(data_dir / "pretrain/tinystories-5.txt")]
+    cfg = dict(separator="<|endoftext|>", val_fraction=0.3, workers=1)
+    prepare(PrepareConfig(src, str(tmp_path), **cfg))
+    mtime = (tmp_path / "train_00000.bin").stat().st_mtime_ns
+    prepare(PrepareConfig(src, str(tmp_path), **cfg))
+    assert "already prepared" in capsys.readouterr().out
+    assert (tmp_path / "train_00000.bin").stat().st_mtime_ns == mtime
+    bpe = train_bpe([(data_dir / "pretrain/the-verdict.txt").read_text()], vocab_size=300)
+    with pytest.raises(GptforgeError, match="made with tokenizer 'gpt2'.*--overwrite"):
+        prepare(PrepareConfig(src, str(tmp_path), **cfg), tokenizer=bpe)
+    m = prepare(PrepareConfig(src, str(tmp_path), overwrite=True, progress=False, **cfg), tokenizer=bpe)
+    assert m["tokenizer"]["vocab_size"] == 300 and _tokens(tmp_path, "train").max() < 300
+
+
+def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(GptforgeError, match="no text in the inputs"):
+        prepare(PrepareConfig([str(empty)], str(tmp_path / "a"), workers=1, progress=False))
+    with pytest.raises(GptforgeError, match="no document fell into the validation split.*--text-sep blank"):
+        prepare(PrepareConfig([str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), workers=1,
+                              progress=False))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "c"), "--workers", "1"]) == 2
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "d"), "--workers", "1", "--skip-bad",
+                 "--val-fraction", "0", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "d" / MANIFEST).read_text())["skipped_records"] == 1
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "train_00000.bin").write_bytes(b"x")
+    with pytest.raises(GptforgeError, match="already holds shards"):
+        prepare(PrepareConfig([str(bad)], str(tmp_path / "e"), workers=1, skip_bad=True, progress=False))
