@@ -8,8 +8,18 @@ import torch.nn.functional as F
 
 from gptforge.chat_template import render_chat
 from gptforge.data.chat import (
-    ALPACA_TEMPLATE, encode_conversation, encode_dataset, encode_prompt, load_records, pack_batch, pack_examples,
-    pad_batch, prompt_messages, prompt_style, split_indices, to_conversations,
+    ALPACA_TEMPLATE,
+    encode_conversation,
+    encode_dataset,
+    encode_prompt,
+    load_records,
+    pack_batch,
+    pack_examples,
+    pad_batch,
+    prompt_messages,
+    prompt_style,
+    split_indices,
+    to_conversations,
 )
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, IGNORE_INDEX, GPTConfig
@@ -225,7 +235,7 @@ def test_split_is_deterministic_and_disjoint():
     a = split_indices(1100, [0.85, 0.05, 0.10], seed=0)
     assert a == split_indices(1100, [0.85, 0.05, 0.10], seed=0)
     assert [len(x) for x in a] == [935, 55, 110]
-    assert sorted(sum(a, [])) == list(range(1100))
+    assert sorted(i for part in a for i in part) == list(range(1100))
     assert a != split_indices(1100, [0.85, 0.05, 0.10], seed=1)
     with pytest.raises(GptforgeError):
         split_indices(10, [0.5, 0.6, 0.1])

@@ -13,8 +13,17 @@ from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.classify import (
-    ClassifyConfig, ClassifyDataConfig, Classifier, balance_classes, class_order, collate, freeze, load_classifier,
-    predict, read_labelled, run_classify,
+    Classifier,
+    ClassifyConfig,
+    ClassifyDataConfig,
+    balance_classes,
+    class_order,
+    collate,
+    freeze,
+    load_classifier,
+    predict,
+    read_labelled,
+    run_classify,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +71,7 @@ def test_bad_rows_name_file_and_line_or_are_skipped(tmp_path):
     p.write_text("ham\thello\nspam\nham\tbye\n")
     with pytest.raises(GptforgeError, match=r"d.tsv:2: expected at least 2 columns.*--skip-bad"):
         read_labelled(ClassifyDataConfig(path=str(p)))
-    texts, labels, skipped = read_labelled(ClassifyDataConfig(path=str(p), skip_bad=True))
+    texts, _, skipped = read_labelled(ClassifyDataConfig(path=str(p), skip_bad=True))
     assert skipped == 1 and texts == ["hello", "bye"]
     with pytest.raises(GptforgeError, match="at least two classes"):
         class_order(["ham", "ham"], [])

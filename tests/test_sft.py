@@ -115,7 +115,7 @@ def test_early_stopping_restores_the_best_weights(tiny_base, tmp_path, data_dir)
     assert result.best_val_loss == best
     assert result.val_losses[-1] > best and result.val_losses[-2] > best  # patience 2 used up
     # the saved final model is the best one: its validation loss is the best loss, not the last
-    from gptforge.data.chat import encode_dataset, prompt_style, split_indices, to_conversations, load_records
+    from gptforge.data.chat import encode_dataset, load_records, prompt_style, split_indices, to_conversations
     from gptforge.train.sft import evaluate_loss
 
     model, tokenizer, _ = load_model(result.run_dir, device="cpu")
@@ -150,6 +150,21 @@ def test_resize_vocab_initialises_new_rows_to_the_mean_and_keeps_old_logits(tied
     with torch.no_grad():
         after, _ = model(x)
     torch.testing.assert_close(after[..., :100], before)
+
+
+def test_chat_tokens_reuse_spare_rows_of_a_padded_vocabulary():
+    from gptforge.data.chat import prompt_style
+    from gptforge.tokenizer import load_tokenizer
+    from gptforge.train.sft import prepare_chat_model
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("gpt2")
+    model = GPT(GPTConfig(vocab_size=50304, block_size=16, n_layer=1, n_head=2, n_embd=8))  # padded for speed
+    added = prepare_chat_model(model, tokenizer, prompt_style("chat"))
+    assert added == [IM_START, IM_END] and model.config.vocab_size == 50304  # no resize needed
+    rows = model.transformer.wte.weight.detach()
+    torch.testing.assert_close(rows[50258], rows[:50257].mean(0))
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
 
 
 def test_neftune_noise_has_the_paper_scale():

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -145,7 +145,7 @@ def load_records(source: str | Path, hub_split: str = "train") -> list[dict]:
                             "'gptforge[data]'") from None
     try:
         ds = datasets.load_dataset(str(source), split=hub_split)
-    except Exception as e:  # network, unknown name, missing split
+    except Exception as e:  # noqa: BLE001 -- network, unknown name, missing split: one line for the user
         raise GptforgeError(f"cannot load hub dataset {source!r} (split {hub_split!r}): {e}; "
                             "check the name and your network, or pass a local file") from None
     return [dict(r) for r in ds]
@@ -509,8 +509,8 @@ class Batch:
     def num_supervised(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
-    def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
                      move(self.example_ids))
 

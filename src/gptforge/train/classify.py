@@ -27,14 +27,24 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
 
-__all__ = ["ClassifyConfig", "ClassifyDataConfig", "ClassifyTrainConfig", "ClassifyResult", "Classifier",
-           "read_labelled", "run_classify", "load_classifier", "predict", "freeze"]
+__all__ = [
+    "Classifier",
+    "ClassifyConfig",
+    "ClassifyDataConfig",
+    "ClassifyResult",
+    "ClassifyTrainConfig",
+    "freeze",
+    "load_classifier",
+    "predict",
+    "read_labelled",
+    "run_classify",
+]
 
 WEIGHTS = "classifier.safetensors"
 META = "model_config.json"
@@ -86,7 +96,7 @@ class ClassifyConfig:
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
 
-    def validate(self) -> "ClassifyConfig":
+    def validate(self) -> ClassifyConfig:
         if not self.checkpoint:
             raise GptforgeError("classify needs a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)")
         if not self.data.path:

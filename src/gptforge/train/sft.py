@@ -13,7 +13,6 @@ its chat template), ``ckpt/best`` and ``ckpt/latest`` pointers, ``test_responses
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -25,14 +24,24 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, IGNORE_INDEX
 
-__all__ = ["SFTConfig", "SFTDataConfig", "SFTTrainConfig", "SFTGenerateConfig", "SFTResult", "run_sft",
-           "resize_vocab", "prepare_chat_model", "neftune_hook", "set_dropout"]
+__all__ = [
+    "SFTConfig",
+    "SFTDataConfig",
+    "SFTGenerateConfig",
+    "SFTResult",
+    "SFTTrainConfig",
+    "neftune_hook",
+    "prepare_chat_model",
+    "resize_vocab",
+    "run_sft",
+    "set_dropout",
+]
 
 
 @dataclass
@@ -93,7 +102,7 @@ class SFTConfig:
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     generate: SFTGenerateConfig = field(default_factory=SFTGenerateConfig)
 
-    def validate(self) -> "SFTConfig":
+    def validate(self) -> SFTConfig:
         if not self.checkpoint:
             raise GptforgeError("sft needs a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)")
         if not self.data.sources:
@@ -132,13 +141,15 @@ class SFTResult:
 
 
 @torch.no_grad()
-def resize_vocab(model: GPT, new_size: int, init_rows: list[int] | None = None) -> list[int]:
+def resize_vocab(model: GPT, new_size: int, init_rows: list[int] | None = None, mean_of: int | None = None
+                 ) -> list[int]:
     """Grow the token embedding (and an untied head) to ``new_size`` rows; new rows and ``init_rows`` are set to
-    the mean of the pre-existing rows. Updates ``model.config.vocab_size``. Returns the initialised row ids."""
+    the mean of the pre-existing rows (of the first ``mean_of`` rows: the real vocabulary when the model's is
+    padded). Updates ``model.config.vocab_size``. Returns the initialised row ids."""
     old_size = model.config.vocab_size
     wte = model.transformer.wte
     init_rows = sorted({*range(old_size, new_size), *(init_rows or [])})
-    base_rows = [i for i in range(old_size) if i not in set(init_rows)]
+    base_rows = [i for i in range(min(mean_of or old_size, old_size)) if i not in set(init_rows)]
     if new_size > old_size:
         new_wte = nn.Embedding(new_size, wte.embedding_dim, device=wte.weight.device, dtype=wte.weight.dtype)
         new_wte.weight[:old_size] = wte.weight
@@ -162,12 +173,13 @@ def resize_vocab(model: GPT, new_size: int, init_rows: list[int] | None = None) 
 def prepare_chat_model(model: GPT, tokenizer, style) -> list[str]:
     """Make ``tokenizer`` and ``model`` ready for ``style``: add its special tokens, grow the rows, set the
     tokenizer's chat template (so checkpoints carry it). Returns the tokens that were added."""
+    real_vocab = tokenizer.vocab_size
     added = tokenizer.add_special_tokens(list(style.special_tokens)) if style.special_tokens else []
+    fresh = [tokenizer.special_tokens[t] for t in added]
     if tokenizer.vocab_size > model.config.vocab_size:
-        fresh = [tokenizer.special_tokens[t] for t in added if tokenizer.special_tokens[t] < model.config.vocab_size]
-        resize_vocab(model, tokenizer.vocab_size, fresh)
-    elif added:  # the model already has spare rows (e.g. a padded vocabulary): they were never trained
-        resize_vocab(model, model.config.vocab_size, [tokenizer.special_tokens[t] for t in added])
+        resize_vocab(model, tokenizer.vocab_size, [i for i in fresh if i < model.config.vocab_size], real_vocab)
+    elif added:  # the model already has spare rows (a padded vocabulary): they were never trained as tokens
+        resize_vocab(model, model.config.vocab_size, fresh, real_vocab)
     tokenizer.chat_template = style.template
     return added
 
