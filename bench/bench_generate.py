@@ -4,8 +4,8 @@ Greedy decoding, the same real-text prompts, the same number of new tokens (end-
 side), batch 1 and batch 16. Prints a Markdown table (tokens/s = generated tokens / wall time, prefill
 included) and checks that both produce the same tokens.
 
-    python bench/bench_generate.py                       # GPT-2 124M shape, random weights
-    python bench/bench_generate.py --preset mini --threads 2 --new-tokens 64
+    python bench/bench_generate.py                       # presets mini and gpt2 (124M), random weights
+    python bench/bench_generate.py --presets mini --threads 2 --new-tokens 64
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def build_models(preset: str):
     from transformers import GPT2LMHeadModel
 
     from gptforge.hf import hf_config, to_hf_state_dict
-    from gptforge.model import GPT, preset as make_preset
+    from gptforge.model import GPT
+    from gptforge.model import preset as make_preset
 
     torch.manual_seed(0)
     config = make_preset(preset, vocab_size=50257, block_size=1024)
@@ -58,10 +59,10 @@ def time_it(fn, repeats: int) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2", help="model shape (gptforge.model.PRESETS), vocab 50257")
+    parser.add_argument("--presets", default="mini,gpt2", help="model shapes (gptforge.model.PRESETS), vocab 50257")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
@@ -72,35 +73,38 @@ def main() -> None:
     from gptforge.tokenizer import TiktokenTokenizer
 
     tok = TiktokenTokenizer()
-    ours, hf = build_models(args.preset)
-    engine = Engine(ours, tok)
-    engine.base_stop_ids = set()  # never stop early: both sides produce exactly new_tokens tokens
     n = args.new_tokens
-    print(f"# generation benchmark: preset {args.preset} ({ours.num_params() / 1e6:.1f}M params), "
-          f"{args.prompt_tokens}-token prompts, {n} new tokens, greedy, fp32, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}\n")
-    print("| batch | gptforge tok/s | HF generate tok/s | speed-up | identical tokens |")
-    print("|---:|---:|---:|---:|:---:|")
-    for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = real_prompts(batch, args.prompt_tokens, tok)
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    print(f"# generation benchmark: {args.prompt_tokens}-token prompts (mixed lengths), {n} new tokens, greedy, "
+          f"fp32, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}\n")
+    print("| model | batch | gptforge tok/s | HF generate tok/s | speed-up | identical tokens |")
+    print("|---|---:|---:|---:|---:|:---:|")
+    for preset in args.presets.split(","):
+        ours, hf = build_models(preset)
+        engine = Engine(ours, tok)
+        engine.base_stop_ids = set()  # never stop early: both sides produce exactly new_tokens tokens
+        label = f"{preset} ({ours.num_params() / 1e6:.0f}M)"
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompts = real_prompts(batch, args.prompt_tokens, tok)
+            width = max(map(len, prompts))
+            input_ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-        def run_ours():
-            return [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))]
+            def run_ours():
+                return [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))]
 
-        def run_hf():
-            with torch.inference_mode():
-                out = hf.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=tok.eot_id)
-            return out[:, width:].tolist()
+            def run_hf():
+                with torch.inference_mode():
+                    out = hf.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=tok.eot_id)
+                return out[:, width:].tolist()
 
-        t_ours, ids_ours = time_it(run_ours, args.repeats)
-        t_hf, ids_hf = time_it(run_hf, args.repeats)
-        same = sum(a == b for a, b in zip(ids_ours, ids_hf))
-        tps_ours, tps_hf = batch * n / t_ours, batch * n / t_hf
-        print(f"| {batch} | {tps_ours:,.0f} | {tps_hf:,.0f} | {tps_ours / tps_hf:.2f}× | {same}/{batch} |")
+            t_ours, ids_ours = time_it(run_ours, args.repeats)
+            t_hf, ids_hf = time_it(run_hf, args.repeats)
+            same = sum(a == b for a, b in zip(ids_ours, ids_hf))
+            tps_ours, tps_hf = batch * n / t_ours, batch * n / t_hf
+            print(f"| {label} | {batch} | {tps_ours:,.0f} | {tps_hf:,.0f} | {tps_ours / tps_hf:.2f}× | {same}/{batch} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def build_model(directory: Path, preset: str) -> str:
     import torch
 
     from gptforge.checkpoint import save_model
-    from gptforge.model import GPT, preset as make_preset
+    from gptforge.model import GPT
+    from gptforge.model import preset as make_preset
     from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
 
     tok = TiktokenTokenizer()
@@ -42,7 +43,7 @@ def build_model(directory: Path, preset: str) -> str:
 def request_mix(n: int, seed: int = 0) -> list[tuple[str, str, object, bool]]:
     """``(kind, path, body, valid)``: about 3 valid requests for each invalid one."""
     rng = random.Random(seed)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing"]
     out = []
     for i in range(n):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))

@@ -4,11 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+from test_engine import tiny_model
+from test_serve import LiveServer
 
 from gptforge.engine import Engine
 from gptforge.serve.app import ServerSettings, create_app
-from test_engine import tiny_model
-from test_serve import LiveServer
 
 CHROMIUM = Path(os.environ.get("GPTFORGE_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

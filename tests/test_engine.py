@@ -287,3 +287,11 @@ def test_sampler_draws_from_the_processed_distribution():
     freq = torch.bincount(draws, minlength=5).float() / 4000
     assert freq[1] == 0  # a filtered (-inf) token is never drawn
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_sampling_from_a_model_in_training_keeps_its_mode_and_dtype(data_dir):
+    model, tok = tiny_model()
+    model.train()
+    eng = Engine(model, tok)
+    assert eng.generate(["Hi"], greedy(3))[0].token_ids
+    assert model.training and eng.dtype == torch.float32 and eng.model is model

@@ -4,10 +4,10 @@ import io
 import json
 
 import pytest
+from test_engine import tiny_model
 
 from gptforge.checkpoint import save_model
 from gptforge.cli import main
-from test_engine import tiny_model
 
 
 @pytest.fixture(scope="module")

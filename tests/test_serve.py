@@ -7,10 +7,10 @@ import time
 
 import httpx
 import pytest
+from test_engine import tiny_model
 
 from gptforge.engine import Engine, SamplingParams
 from gptforge.serve.app import ServerSettings, create_app
-from test_engine import tiny_model
 
 MODEL = "tiny-chat"
 

@@ -13,8 +13,8 @@ import dataclasses
 import queue
 import random
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -43,7 +43,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         """Raise :class:`GptforgeError` for values no sampler accepts."""
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer ≥ 1"),
@@ -93,7 +93,10 @@ class _Row:
 
 
 class Engine:
-    """Generation over a :class:`GPT` and its tokenizer. Thread-compatible: one call at a time per engine."""
+    """Generation over a :class:`GPT` and its tokenizer; one ``generate`` at a time (calls are serialized).
+
+    ``dtype=None`` keeps the model's dtype; :meth:`from_checkpoint` picks bfloat16 on CUDA, float32 on CPU.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device="cpu", dtype=None, context_policy: str = "error"):
         if context_policy not in CONTEXT_POLICIES:
@@ -101,10 +104,9 @@ class Engine:
         if tokenizer is None:
             raise GptforgeError("the engine needs a tokenizer; the checkpoint has no tokenizer/ directory")
         self.device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        # dtype None keeps the model's own (a model being trained can be sampled from without a copy).
+        self.model = model.to(device=self.device, dtype=dtype) if dtype else model.to(self.device)
+        self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = tokenizer
         self.context_policy = context_policy
         self.block_size = model.config.block_size
@@ -115,11 +117,13 @@ class Engine:
         self.lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error") -> "Engine":
+    def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error") -> Engine:
         """Load any checkpoint form (step dir, run dir, HF directory) into an engine."""
         from gptforge.checkpoint import load_model
 
         model, tokenizer, meta = load_model(path, device="cpu")
+        if dtype is None and torch.device(device).type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         engine = cls(model, tokenizer, device=device, dtype=dtype, context_policy=context_policy)
         engine.meta = meta
         return engine
@@ -190,8 +194,13 @@ class Engine:
             stop_ids = self.base_stop_ids | set(p.stop_token_ids)
             rows.append(_Row(i, ids, p, stop_ids, min(p.max_new_tokens, self.block_size - len(ids))))
         with self.lock, torch.inference_mode():
-            for group in self._plan_batches(rows):
-                self._decode(group, on_token)
+            was_training = self.model.training  # the model may be mid-training (samples during a run)
+            self.model.eval()
+            try:
+                for group in self._plan_batches(rows):
+                    self._decode(group, on_token)
+            finally:
+                self.model.train(was_training)
         return [self._completion(r) for r in rows]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:

@@ -32,7 +32,7 @@ class RowSettings:
     any_repetition: bool
     any_presence_frequency: bool
 
-    def select(self, index: torch.Tensor) -> "RowSettings":
+    def select(self, index: torch.Tensor) -> RowSettings:
         """The settings of the rows in ``index`` (after finished rows leave the batch)."""
         fields = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return RowSettings(**fields)
@@ -40,7 +40,7 @@ class RowSettings:
 
 def row_settings(params_list, device) -> RowSettings:
     """Stack per-row :class:`gptforge.engine.SamplingParams` into tensors."""
-    col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
+    col = lambda name, dtype=torch.float32: torch.tensor(
         [[float(getattr(p, name))] for p in params_list], dtype=dtype, device=device)
     temperature = col("temperature")
     greedy = temperature[:, 0] <= 0
