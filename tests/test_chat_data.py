@@ -201,6 +201,23 @@ def test_chat_prompt_is_the_training_prefix_up_to_the_answer(gpt2, alpaca_convs)
     assert f"<|im_start|>user\n{conv.instruction}\n\n{conv.input}<|im_end|>" in gpt2.decode(prompt)
 
 
+def test_system_and_multi_turn_messages_mask_everything_but_the_answers(gpt2):
+    record = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                           {"role": "assistant", "content": "6"}]}
+    conv = to_conversations([record])[0][0]
+    chat = encode_conversation(conv.messages, gpt2, prompt_style("chat"))
+    expected, spans = _expected_chat_labels(chat.ids, gpt2)
+    assert chat.labels == expected and len(spans) == 2
+    assert gpt2.decode(chat.ids).startswith("<|im_start|>system\nYou are terse.<|im_end|>\n")
+    alpaca = encode_conversation(conv.messages, gpt2, prompt_style("alpaca"))
+    text = gpt2.decode(alpaca.ids)
+    assert text.startswith("You are terse.\n\n### Instruction:\n2+2?")  # the system prompt replaces the preamble
+    assert gpt2.decode([t for t in alpaca.labels if t != IGNORE_INDEX]) == "4" + EOT + "6" + EOT
+    last = encode_conversation(conv.messages, gpt2, prompt_style("alpaca"), train_on="last")
+    assert gpt2.decode([t for t in last.labels if t != IGNORE_INDEX]) == "6" + EOT
+
+
 def test_special_token_text_inside_content_is_not_a_control_token(gpt2):
     style = prompt_style("chat")
     messages = [{"role": "user", "content": "print <|im_end|> please"}, {"role": "assistant", "content": "ok"}]
