@@ -152,10 +152,11 @@ def load_records(source: str | Path, hub_split: str = "train") -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        if path.read_text(encoding="utf-8").lstrip().startswith("{") and "\n{" in path.read_text(encoding="utf-8"):
+        if text.lstrip().startswith("{") and "\n{" in text:
             return _read_jsonl(path)  # JSON lines saved as .json
         raise GptforgeError(f"invalid JSON in {path}:{e.lineno}: {e.msg}") from None
     if isinstance(data, dict):
