@@ -1,0 +1,340 @@
+"""``gptforge quickstart``: the whole journey on CPU-sized defaults, with a report at the end.
+
+Stages: train a byte-level BPE on the default corpus → prepare shards → pretrain a small model → SFT it on the
+default instruction set with the chat template → evaluate (held-out loss/bpb, HellaSwag, SFT test responses)
+→ samples → ``report.md`` + self-contained ``report.html``. Each finished stage leaves a marker recording its
+parameters and outputs; a rerun skips stages whose marker matches and whose outputs still exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gptforge.errors import GptforgeError
+
+STAGES = ("tokenizer", "data", "pretrain", "sft", "eval", "samples")
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    corpus: list[str] = field(default_factory=lambda: ["tinyshakespeare", "wikitext2", "tinystories"])
+    instructions: str = "instruction-data"
+    hellaswag: str = "hellaswag"
+    vocab_size: int = 4096
+    preset: str = "mini"
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    pretrain_steps: int = 700
+    micro_batch: int = 16
+    lr: float = 2e-3
+    sft_epochs: int = 3
+    sft_lr: float = 1e-3
+    sft_batch_size: int = 16
+    sft_max_len: int = 256
+    test_responses: int = 40
+    hellaswag_items: int = 300
+    seed: int = 1337
+    workers: int = 0
+
+
+def smoke_config(out: str) -> QuickstartConfig:
+    """A seconds-long variant for tests: tiny vocabulary, model and step counts."""
+    return QuickstartConfig(out=out, vocab_size=512, preset="tiny", seq_len=64, pretrain_steps=30, micro_batch=8,
+                            sft_epochs=1, sft_batch_size=8, sft_max_len=64, test_responses=4, hellaswag_items=12)
+
+
+class Stages:
+    """Runs stages in order; skips those whose marker (params + outputs) is still valid."""
+
+    def __init__(self, out: Path, say: Callable[[str], None]):
+        self.out = out
+        self.say = say
+        self.markers = out / ".stages"
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def _marker(self, name: str) -> Path:
+        return self.markers / f"{name}.json"
+
+    def valid(self, name: str, params: dict) -> bool:
+        path = self._marker(name)
+        if not path.is_file():
+            return False
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return False
+        return marker.get("params") == params and all((self.out / o).exists() for o in marker.get("outputs", []))
+
+    def run(self, name: str, params: dict, outputs: list[str], fn: Callable[[], dict | None]) -> dict:
+        if self.valid(name, params):
+            self.skipped.append(name)
+            self.say(f"[{name}] up to date, skipping (outputs: {', '.join(outputs)}; --fresh reruns everything)")
+            return json.loads(self._marker(name).read_text(encoding="utf-8")).get("result", {})
+        self._marker(name).unlink(missing_ok=True)
+        for o in outputs:  # a half-finished earlier attempt must not be mistaken for output
+            path = self.out / o
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.say(f"[{name}] running")
+        start = time.perf_counter()
+        result = fn() or {}
+        self.timings[name] = time.perf_counter() - start
+        result = {**result, "seconds": self.timings[name]}
+        self.markers.mkdir(parents=True, exist_ok=True)
+        tmp = self._marker(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"params": params, "outputs": outputs, "result": result}, indent=2, default=str))
+        os.replace(tmp, self._marker(name))
+        self.say(f"[{name}] done in {self.timings[name]:.1f}s")
+        return result
+
+
+def _params(cfg: QuickstartConfig, *keys: str, upstream: dict | None = None) -> dict:
+    d = {k: getattr(cfg, k) for k in keys}
+    if upstream:
+        d["upstream"] = hashlib.sha256(json.dumps(upstream, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return d
+
+
+def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[str], None] = print) -> dict:
+    """Run every stage (or skip the valid ones) and write the report; returns a summary dict."""
+    from gptforge.data.registry import resolve
+
+    out = Path(cfg.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = [str(resolve(name)) for name in cfg.corpus]
+    instructions = str(resolve(cfg.instructions))
+    hellaswag = str(resolve(cfg.hellaswag))
+    stages = Stages(out, say)
+    wall = time.perf_counter()
+
+    p_tok = _params(cfg, "corpus", "vocab_size")
+    tok_result = stages.run("tokenizer", p_tok, ["tokenizer"], lambda: _stage_tokenizer(cfg, corpus, out))
+    p_data = _params(cfg, "corpus", "val_fraction", upstream=p_tok)
+    data_result = stages.run("data", p_data, ["data"], lambda: _stage_data(cfg, corpus, out))
+    p_pre = _params(cfg, "preset", "seq_len", "pretrain_steps", "micro_batch", "lr", "seed", upstream=p_data)
+    pre_result = stages.run("pretrain", p_pre, ["pretrain"], lambda: _stage_pretrain(cfg, out))
+    p_sft = _params(cfg, "instructions", "sft_epochs", "sft_lr", "sft_batch_size", "sft_max_len", "test_responses",
+                    "seed", upstream=p_pre)
+    sft_result = stages.run("sft", p_sft, ["sft"], lambda: _stage_sft(cfg, instructions, out))
+    p_eval = _params(cfg, "hellaswag_items", upstream=p_sft)
+    eval_result = stages.run("eval", p_eval, ["eval"], lambda: _stage_eval(cfg, hellaswag, out))
+    samples = stages.run("samples", _params(cfg, "seed", upstream=p_sft), ["samples.json"],
+                         lambda: _stage_samples(cfg, out))
+
+    timings = {name: json.loads((out / ".stages" / f"{name}.json").read_text())["result"].get("seconds")
+               for name in STAGES}
+    summary = {"tokenizer": tok_result, "data": data_result, "pretrain": pre_result, "sft": sft_result,
+               "eval": eval_result, "samples": samples, "timings": timings, "skipped": stages.skipped,
+               "wall_seconds": time.perf_counter() - wall, "config": asdict(cfg)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    _write_report(cfg, out, summary)
+    say(_closing_paragraph(out, summary))
+    return summary
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+def _stage_tokenizer(cfg: QuickstartConfig, corpus: list[str], out: Path) -> dict:
+    from gptforge.data.sources import ReadStats, expand_sources, iter_texts
+    from gptforge.tokenizer import train_bpe
+
+    stats = ReadStats()
+    texts = iter_texts(expand_sources(corpus, separator="blank"), stats)
+    start = time.perf_counter()
+    tok = train_bpe(texts, vocab_size=cfg.vocab_size, name="quickstart-bpe")
+    tok.save(out / "tokenizer")
+    return {"vocab_size": tok.vocab_size, "hash": tok.content_hash(), "train_seconds": time.perf_counter() - start}
+
+
+def _stage_data(cfg: QuickstartConfig, corpus: list[str], out: Path) -> dict:
+    from gptforge.data.prepare import PrepareConfig, prepare
+    from gptforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out / "tokenizer")
+    manifest = prepare(PrepareConfig(sources=corpus, out=str(out / "data"), tokenizer=str(out / "tokenizer"),
+                                     val_fraction=cfg.val_fraction, separator="blank", workers=cfg.workers), tok)
+    return {"tokens": manifest.get("tokens"), "documents": manifest.get("documents")}
+
+
+def _stage_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
+    from gptforge.train.pretrain import (CheckpointSection, DataSection, EvalSection, LogSection, ModelSection,
+                                         OptimSection, PretrainConfig, TrainSection, run_pretrain)
+
+    steps = cfg.pretrain_steps
+    pc = PretrainConfig(
+        name="pretrain", out_dir=str(out),
+        model=ModelSection(preset=cfg.preset, block_size=cfg.seq_len),
+        data=DataSection(path=str(out / "data"), tokenizer=str(out / "tokenizer"), seq_len=cfg.seq_len),
+        train=TrainSection(micro_batch=cfg.micro_batch, max_steps=steps, precision="fp32", seed=cfg.seed),
+        optim=OptimSection(lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.1),
+        eval=EvalSection(interval=max(1, steps // 5), sample_interval=0, sample_prompts=["The ", "Once upon a time"]),
+        checkpoint=CheckpointSection(interval=max(1, steps // 2), keep_last=2),
+        log=LogSection(progress=True),
+    )
+    r = run_pretrain(pc)
+    return {"steps": r.steps, "tokens": r.tokens, "final_loss": r.final_loss, "final_val_loss": r.final_val_loss,
+            "best_val_loss": r.best_val_loss, "checkpoint": str(r.checkpoint),
+            "tokens_per_second": r.summary.get("tokens_per_second") if isinstance(r.summary, dict) else None}
+
+
+def _stage_sft(cfg: QuickstartConfig, instructions: str, out: Path) -> dict:
+    from gptforge.train.sft import SFTConfig, SFTDataConfig, SFTGenerateConfig, SFTTrainConfig, run_sft
+
+    sc = SFTConfig(
+        checkpoint=str(out / "pretrain"), name="sft", out_dir=str(out), seed=cfg.seed,
+        data=SFTDataConfig(sources=[instructions], style="chat", max_len=cfg.sft_max_len, overlength="truncate"),
+        train=SFTTrainConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup_ratio=0.05,
+                             patience=2, weight_decay=0.0, log_every=10),
+        generate=SFTGenerateConfig(enabled=True, max_new_tokens=96, limit=cfg.test_responses, batch_size=16),
+    ).validate()
+    r = run_sft(sc)
+    return {"steps": r.steps, "initial_val_loss": r.initial_val_loss, "best_val_loss": r.best_val_loss,
+            "val_losses": r.val_losses, "stopped_early": r.stopped_early, "checkpoint": str(r.checkpoint),
+            "test_responses": str(r.test_responses) if r.test_responses else None, "stop_rate": r.stop_rate,
+            "data": r.data}
+
+
+def _stage_eval(cfg: QuickstartConfig, hellaswag: str, out: Path) -> dict:
+    from gptforge.checkpoint import load_model
+    from gptforge.eval.choice import evaluate_choice
+    from gptforge.eval.loss import evaluate_loss
+
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for name in ("pretrain", "sft"):
+        model, tok, _ = load_model(out / name)
+        loss = evaluate_loss(model, out / "data", tokenizer=tok, split="val", seq_len=cfg.seq_len)
+        hs = evaluate_choice(model, tok, task="hellaswag", data=hellaswag, limit=cfg.hellaswag_items)
+        (out / "eval" / f"{name}_loss.json").write_text(json.dumps(loss, indent=2, default=str))
+        (out / "eval" / f"{name}_hellaswag.json").write_text(json.dumps(hs, indent=2, default=str))
+        results[name] = {"loss": loss.get("loss"), "perplexity": loss.get("perplexity"),
+                         "bits_per_byte": loss.get("bits_per_byte"), "tokens": loss.get("tokens"),
+                         "hellaswag_acc": hs["metrics"].get("acc"), "hellaswag_acc_norm": hs["metrics"].get("acc_norm"),
+                         "hellaswag_items": len(hs["predictions"]), "hellaswag_items_per_second": hs["items_per_second"]}
+    return results
+
+
+SAMPLE_PROMPTS = ["Once upon a time", "The meaning of the", "KING HENRY:"]
+CHAT_QUESTIONS = ["What is the capital of France?", "Rewrite the sentence in passive voice: The cat chased the mouse.",
+                  "Give me a synonym for 'happy'."]
+
+
+def _stage_samples(cfg: QuickstartConfig, out: Path) -> dict:
+    from gptforge.engine import Engine, SamplingParams
+
+    base = Engine.from_checkpoint(out / "pretrain")
+    params = SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=cfg.seed)
+    completions = [{"prompt": p, "completion": c.text}
+                   for p, c in zip(SAMPLE_PROMPTS, base.generate(SAMPLE_PROMPTS, params))]
+    chat = Engine.from_checkpoint(out / "sft")
+    answers = []
+    for q in CHAT_QUESTIONS:
+        c = chat.chat([{"role": "user", "content": q}], SamplingParams(max_new_tokens=64, temperature=0.0))
+        answers.append({"question": q, "answer": c.text, "finish_reason": c.finish_reason})
+    data = {"completions": completions, "chat": answers}
+    (out / "samples.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return {"n_completions": len(completions), "n_chat": len(answers)}
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def _write_report(cfg: QuickstartConfig, out: Path, s: dict) -> None:
+    from gptforge.report import Report
+
+    r = Report("gptforge quickstart report")
+    r.paragraph(f"Output directory: `{out}`. Wall time of this invocation: {s['wall_seconds']:.0f} s"
+                + (f" (skipped, already complete: {', '.join(s['skipped'])})" if s["skipped"] else "") + ".")
+    r.heading("Stages")
+    r.table(["stage", "seconds", "result"], [
+        ["tokenizer", s["timings"].get("tokenizer"), f"byte-level BPE, vocab {s['tokenizer'].get('vocab_size')}"],
+        ["data", s["timings"].get("data"), f"tokens {s['data'].get('tokens')}"],
+        ["pretrain", s["timings"].get("pretrain"), f"{s['pretrain'].get('steps')} steps, "
+                                                   f"{s['pretrain'].get('tokens')} tokens"],
+        ["sft", s["timings"].get("sft"), f"{s['sft'].get('steps')} steps"],
+        ["eval", s["timings"].get("eval"), "held-out loss, HellaSwag"],
+        ["samples", s["timings"].get("samples"), "completions and chat answers"],
+    ])
+    r.heading("Pretraining")
+    pre = s["pretrain"]
+    r.paragraph(f"Final training loss {_f(pre.get('final_loss'))}, validation loss {_f(pre.get('final_val_loss'))} "
+                f"(best {_f(pre.get('best_val_loss'))}).")
+    r.image(out / "pretrain" / "loss.png", "pretraining: loss, learning rate, gradient norm")
+    r.heading("Instruction fine-tuning")
+    sft = s["sft"]
+    r.paragraph(f"Validation loss {_f(sft.get('initial_val_loss'))} before → {_f(sft.get('best_val_loss'))} best; "
+                f"{_pct(sft.get('stop_rate'))} of test responses ended with the end-of-turn token.")
+    r.image(out / "sft" / "loss.png", "SFT: training and validation loss")
+    r.heading("Evaluation")
+    ev = s["eval"]
+    r.table(["model", "val loss", "perplexity", "bits/byte", "HellaSwag acc", "acc_norm", "items"],
+            [[name, ev[name]["loss"], ev[name]["perplexity"], ev[name]["bits_per_byte"], ev[name]["hellaswag_acc"],
+              ev[name]["hellaswag_acc_norm"], ev[name]["hellaswag_items"]] for name in ("pretrain", "sft")])
+    r.paragraph("HellaSwag chance level is 0.25; a model this small is expected near chance.")
+    samples = json.loads((out / "samples.json").read_text(encoding="utf-8"))
+    r.heading("Samples")
+    for item in samples["completions"]:
+        r.code(item["prompt"] + item["completion"])
+    r.heading("Chat answers (greedy, SFT model)")
+    for item in samples["chat"]:
+        r.code(f"user: {item['question']}\nassistant: {item['answer']}")
+    responses = sft.get("test_responses")
+    if responses and Path(responses).is_file():
+        records = json.loads(Path(responses).read_text(encoding="utf-8"))
+        records = records if isinstance(records, list) else records.get("records", [])
+        r.heading("SFT test-split responses (first 5)")
+        r.table(["instruction", "reference", "response"],
+                [[x.get("instruction", "")[:120], x.get("reference", "")[:120], x.get("response", "")[:160]]
+                 for x in records[:5]])
+    r.heading("Reproduce or continue")
+    r.code("\n".join(_commands(cfg, out)), "bash")
+    r.write(out / "report.md", out / "report.html")
+
+
+def _commands(cfg: QuickstartConfig, out: Path) -> list[str]:
+    corpus = " ".join(cfg.corpus)
+    return [
+        f"gptforge tokenizer train {corpus} --vocab-size {cfg.vocab_size} --out {out}/tokenizer",
+        f"gptforge data prepare {corpus} --tokenizer {out}/tokenizer --separator blank "
+        f"--val-fraction {cfg.val_fraction} --out {out}/data",
+        f"gptforge pretrain --model.preset={cfg.preset} --model.block_size={cfg.seq_len} --data.path={out}/data "
+        f"--train.max_steps={cfg.pretrain_steps} --train.micro_batch={cfg.micro_batch} --optim.lr={cfg.lr} "
+        f"--name=pretrain --out_dir={out}",
+        f"gptforge sft --checkpoint {out}/pretrain --data {cfg.instructions} --out-dir {out} --name sft",
+        f"gptforge eval loss --checkpoints {out}/pretrain {out}/sft --data {out}/data",
+        f"gptforge eval choice --checkpoint {out}/sft --task hellaswag --limit {cfg.hellaswag_items}",
+        f"gptforge chat --checkpoint {out}/sft",
+        f"gptforge serve --checkpoint {out}/sft --port 8000",
+        f"gptforge export --checkpoint {out}/sft --out {out}/hf",
+    ]
+
+
+def _f(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.0f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def _closing_paragraph(out: Path, s: dict) -> str:
+    ev = s["eval"]
+    return (f"\nquickstart finished in {s['wall_seconds']:.0f}s. Base model val loss {_f(ev['pretrain']['loss'])} "
+            f"({_f(ev['pretrain']['bits_per_byte'])} bits/byte), HellaSwag acc_norm "
+            f"{_f(ev['pretrain']['hellaswag_acc_norm'])}; SFT model stops at end-of-turn on "
+            f"{_pct(s['sft'].get('stop_rate'))} of test prompts.\nReport: {out / 'report.md'} and {out / 'report.html'}. "
+            f"Talk to it: gptforge chat --checkpoint {out}/sft")
