@@ -253,14 +253,18 @@ def _write_pointer(ckpt_root: Path, pointer: str, target: str) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, examples, batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean cross-entropy per supervised token over ``examples`` (token-weighted, not batch-weighted)."""
+def evaluate_loss(model: GPT, examples, batch_size: int, pad_id: int, device, autocast, dist_info=None) -> float:
+    """Mean cross-entropy per supervised token over ``examples`` (token-weighted, not batch-weighted).
+
+    Under ``torchrun`` (``dist_info``) each rank scores every world_size-th example and the sums are reduced."""
     from gptforge.data.chat import pad_batch
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths: less padding
+    if dist_info is not None and dist_info.enabled:
+        order = order[dist_info.rank::dist_info.world_size]
     for s in range(0, len(order), batch_size):
         batch = pad_batch([examples[i] for i in order[s:s + batch_size]], pad_id).to(device)
         with autocast:
@@ -269,6 +273,12 @@ def evaluate_loss(model: GPT, examples, batch_size: int, pad_id: int, device, au
                                  reduction="sum").item()
         count += batch.num_supervised
     model.train(was_training)
+    if dist_info is not None and dist_info.enabled:
+        from gptforge.train.distributed import all_reduce_sum
+
+        sums = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device),
+                              dist_info)
+        total, count = sums[0].item(), int(sums[1].item())
     return total / max(count, 1)
 
 
@@ -319,19 +329,27 @@ def load_conversations(cfg: SFTDataConfig, log=print):
 
 
 def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
-    """Fine-tune ``config.checkpoint`` on ``config.data`` and write the run directory; see the module docstring."""
+    """Fine-tune ``config.checkpoint`` on ``config.data`` and write the run directory; see the module docstring.
+
+    Under ``torchrun`` every process takes every world_size-th batch (DDP averages the gradients, the loss stays
+    a token-weighted mean over the global batch); only rank 0 writes files, prints and generates.
+    """
     from tqdm.auto import tqdm
 
     from gptforge.checkpoint import load_model
     from gptforge.config import save_config
     from gptforge.data.chat import encode_dataset, epoch_batches, prompt_style, split_indices
     from gptforge.tokenizer import load_tokenizer
+    from gptforge.train.distributed import all_reduce_sum, barrier, no_sync, setup, teardown, wrap_model
     from gptforge.train.optim import LRSchedule, configure_optimizer, set_lr
 
     config.validate()
     dc, tc = config.data, config.train
     torch.manual_seed(config.seed)
-    device = _pick_device(config.device)
+    info = setup(config.device)
+    device = info.device
+    if not info.is_main:
+        log, progress = (lambda *a, **k: None), False
     conversations, skipped = load_conversations(dc, log)  # data errors surface before any heavy work
 
     # model, tokenizer, prompt style
@@ -375,16 +393,21 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
 
     run_dir = Path(config.out_dir) / config.name
     ckpt_root = run_dir / "ckpt"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if info.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
 
     # optimisation
     model.to(device).train()
+    ddp = wrap_model(model, info)  # the bare model when running as one process
     autocast, scaler = _autocast(device, tc.precision)
     optimizer = configure_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
     pad_id = tokenizer.pad_id if tokenizer.pad_id < model.config.vocab_size else tokenizer.eot_id
     window = max_len
-    batches_per_epoch = len(epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, window, config.seed))
+    world = info.world_size
+    batches_per_epoch = len(epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, window, config.seed)) // world
+    if batches_per_epoch < 1:
+        raise GptforgeError(f"{len(train_set)} training examples make fewer batches than the {world} processes")
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
@@ -396,15 +419,18 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
                      "train_on": dc.train_on}}
 
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("", encoding="utf-8")
+    if info.is_main:
+        metrics_path.write_text("", encoding="utf-8")
     train_points: list[tuple[int, float]] = []
     val_points: list[tuple[int, float]] = []
 
     def record(entry: dict) -> None:
+        if not info.is_main:
+            return
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
-    initial_val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast) if val_set else None
+    initial_val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast, info) if val_set else None
     if initial_val is not None:
         log(f"validation loss before fine-tuning: {initial_val:.4f}")
         val_points.append((0, initial_val))
@@ -419,7 +445,7 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
         nonlocal best_val, best_state, best_name, bad_evals
         if not val_set:
             return False
-        val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast)
+        val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast, info)
         val_losses.append(val)
         val_points.append((step, val))
         improved = val < best_val
@@ -427,12 +453,13 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
         if improved:
             best_val, bad_evals = val, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            old = best_name
-            best_name = _save_model_dir(ckpt_root, step, model, tokenizer, {**extra, "val_loss": val})
-            _write_pointer(ckpt_root, "best", best_name)
-            _write_pointer(ckpt_root, "latest", best_name)
-            if old and old != best_name:
-                shutil.rmtree(ckpt_root / old, ignore_errors=True)
+            old, best_name = best_name, f"step_{step:07d}"
+            if info.is_main:
+                _save_model_dir(ckpt_root, step, model, tokenizer, {**extra, "val_loss": val})
+                _write_pointer(ckpt_root, "best", best_name)
+                _write_pointer(ckpt_root, "latest", best_name)
+                if old and old != best_name:
+                    shutil.rmtree(ckpt_root / old, ignore_errors=True)
         else:
             bad_evals += 1
         log(f"epoch {epoch:.2f} step {step}: val loss {val:.4f} (best {best_val:.4f})"
@@ -445,25 +472,30 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
         if step >= total_steps or stopped_early:
             break
         batches = epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, window, config.seed + epoch)
+        per_rank = len(batches) // world
+        batches = batches[info.rank: per_rank * world: world]  # this process's share, equal on every rank
         usable = len(batches) - len(batches) % tc.grad_accum if len(batches) >= tc.grad_accum else len(batches)
         for start in range(0, usable, tc.grad_accum):
             group = [b.to(device) for b in batches[start:start + tc.grad_accum]]
-            n_sup = sum(b.num_supervised for b in group)
+            n_sup = int(all_reduce_sum(torch.tensor([sum(b.num_supervised for b in group)], device=device),
+                                       info).item())  # supervised tokens in the global batch
             if n_sup == 0:
                 raise GptforgeError(f"a training batch at step {step} has no supervised tokens; this would train on "
                                     "a silent zero loss (check the data's assistant turns and max_len)")
             lr = schedule.lr_at(step)
             set_lr(optimizer, lr)
-            loss_sum = 0.0
-            for b in group:
-                with autocast:
-                    _, loss = model(b.input_ids, targets=b.targets, attention_mask=b.attention_mask,
-                                    position_ids=b.position_ids, inputs_embeds_hook=hook)
-                weight = b.num_supervised / n_sup  # token-weighted mean over the accumulated micro-batches
-                scaled = loss * weight
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.item() * weight
-                tokens_seen += int(b.input_ids.numel())
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for i, b in enumerate(group):
+                with no_sync(ddp, i == len(group) - 1):
+                    with autocast:
+                        _, loss = ddp(b.input_ids, targets=b.targets, attention_mask=b.attention_mask,
+                                      position_ids=b.position_ids, inputs_embeds_hook=hook)
+                    weight = b.num_supervised / n_sup  # token-weighted mean over the global batch
+                    scaled = loss * (weight * world)  # DDP averages gradients over the processes
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.detach().double() * weight
+                tokens_seen += int(b.input_ids.numel()) * world
+            loss_sum = all_reduce_sum(loss_sum, info).item()
             if scaler:
                 scaler.unscale_(optimizer)
             if tc.grad_clip > 0:
@@ -501,22 +533,29 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
         final_name = best_name
         log(f"restored the best weights ({best_name}, val loss {best_val:.4f})")
     else:
-        final_name = _save_model_dir(ckpt_root, step, model, tokenizer, extra)
-    _write_pointer(ckpt_root, "latest", final_name)
-    plot_losses(run_dir / "loss.png", train_points, val_points, f"SFT {config.name}")
+        final_name = f"step_{step:07d}"
+        if info.is_main:
+            _save_model_dir(ckpt_root, step, model, tokenizer, extra)
+    if info.is_main:
+        _write_pointer(ckpt_root, "latest", final_name)
+        plot_losses(run_dir / "loss.png", train_points, val_points, f"SFT {config.name}")
 
     result = SFTResult(run_dir=run_dir, checkpoint=ckpt_root / final_name, steps=step,
                        epochs_completed=round(step / steps_per_epoch, 3), initial_val_loss=initial_val,
                        best_val_loss=best_val if best_state is not None else None, val_losses=val_losses,
                        stopped_early=stopped_early, data=data_info)
 
-    if config.generate.enabled and test_convs:
+    if config.generate.enabled and test_convs and info.is_main:
         result.test_responses, result.stop_rate = write_test_responses(
             model, tokenizer, style, test_convs, run_dir / "test_responses.json", config, device, progress)
         log(f"test responses: {result.test_responses} ({result.stop_rate:.0%} ended with {style.end_of_turn})")
 
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    _write_json(run_dir / "summary.json", summary)
+    if info.is_main:
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+        _write_json(run_dir / "summary.json", summary)
+    barrier(info)
+    if info.enabled:
+        teardown()
     log(f"SFT done: {step} steps in {time.time() - t0:.0f}s, "
         + (f"val loss {initial_val:.4f} → {best_val:.4f}, " if initial_val is not None and best_state else "")
         + f"model in {result.checkpoint}, metrics in {metrics_path}, chart {run_dir / 'loss.png'}")
