@@ -110,6 +110,17 @@ def test_processed_distribution_identical_to_transformers_logits_processors(case
         assert torch.isinf(ours).any()  # the filter really removed something
 
 
+@pytest.mark.parametrize("scale", [4.0, 0.5], ids=["peaked-fast-path", "flat-full-sort"])
+def test_top_p_matches_transformers_on_peaked_and_flat_distributions(scale):
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(2)) * scale
+    for top_p in (0.5, 0.9, 0.95):
+        expected = tlp.TopPLogitsWarper(top_p)(None, logits.clone())
+        ours = process_logits(logits, row_settings([SamplingParams(top_p=top_p)] * 4, "cpu"))
+        assert torch.equal(ours, expected)
+        assert 0 < torch.isinf(ours).sum() < ours.numel()
+
+
 def test_mixed_settings_in_one_batch_match_each_row_alone():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 500, generator=g) * 3

@@ -83,13 +83,30 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus filtering exactly as HF's ``TopPLogitsWarper`` (ascending sort, keep the most likely token)."""
+def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor, candidates: int = 512) -> torch.Tensor:
+    """Nucleus filtering as HF's ``TopPLogitsWarper``: drop the least likely tokens whose ascending cumulative
+    probability is ≤ 1 - top_p (the most likely token always stays; rows with top_p = 1 are untouched).
+
+    Sorting a 50k vocabulary per row per step dominates CPU decoding, so when the ``candidates`` most likely
+    tokens already hold more than top_p of the mass (every other token is dropped anyway) only they are
+    ranked; the rest of the time the whole vocabulary is sorted, exactly as HF does.
+    """
+    active = one_minus_top_p > 0
+    if logits.size(-1) > 2 * candidates:
+        probs = torch.softmax(logits, dim=-1)
+        top_probs, top_idx = torch.topk(probs, candidates, dim=-1)  # descending
+        tail = probs.sum(-1, keepdim=True) - top_probs.sum(-1, keepdim=True)
+        if bool(((tail <= one_minus_top_p) | ~active).all()):
+            cumulative = tail + top_probs.flip(-1).cumsum(dim=-1)  # ascending, as HF accumulates
+            keep_sorted = cumulative > one_minus_top_p
+            keep_sorted[..., -1] = True
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx.flip(-1), keep_sorted)
+            return logits.masked_fill(~keep & active, NEG_INF)
     sorted_logits, sorted_indices = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     sorted_remove = cumulative <= one_minus_top_p
     sorted_remove[..., -1:] = False
-    sorted_remove &= one_minus_top_p > 0  # rows with top_p = 1 are left alone, as HF skips the warper
+    sorted_remove &= active
     remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
     return logits.masked_fill(remove, NEG_INF)
 
