@@ -532,21 +532,25 @@ def pad_batch(examples: list[Example], pad_id: int) -> Batch:
 
 
 def pack_examples(examples: list[Example], window: int) -> list[list[int]]:
-    """Greedy first-fit packing of example indices into windows of ``window`` input tokens."""
+    """Best-fit packing of example indices into windows of ``window`` input tokens, in O(n log n):
+    each example goes to the open window with the least room that still fits it."""
+    import bisect
+
     bins: list[list[int]] = []
-    room: list[int] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin index), sorted
     for i, e in enumerate(examples):
         n = len(e) - 1
         if n > window:
             raise GptforgeError(f"example {e.index} has {n} tokens, more than the packing window {window}")
-        for b, r in enumerate(room):
-            if r >= n:
-                bins[b].append(i)
-                room[b] -= n
-                break
+        k = bisect.bisect_left(rooms, (n, -1))
+        if k < len(rooms):
+            room, b = rooms.pop(k)
+            bins[b].append(i)
         else:
+            room, b = window, len(bins)
             bins.append([i])
-            room.append(window - n)
+        if room - n > 0:
+            bisect.insort(rooms, (room - n, b))
     return bins
 
 
