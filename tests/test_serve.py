@@ -137,6 +137,8 @@ def test_completion_stream_with_n(client):
 BAD = [
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", [1, 2], 400, "invalid_json"),
+    ("/v1/completions", b"[" * 200_000, 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "invalid_type"),
     ("/v1/completions", {"prompt": 5}, 400, "invalid_type"),
     ("/v1/completions", {"prompt": []}, 400, "invalid_type"),
     ("/v1/completions", {"prompt": [999999]}, 400, "invalid_value"),

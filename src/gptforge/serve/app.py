@@ -274,7 +274,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                                code="body_too_large")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") \
                 from None
         if not isinstance(data, dict):
