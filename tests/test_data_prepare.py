@@ -33,8 +33,17 @@ def corpus(data_dir):
 
 def test_shards_hold_eot_joined_documents_split_by_stable_hash(data_dir, tmp_path):
     path = data_dir / "pretrain/tinystories-sample.txt"
-    m = prepare(PrepareConfig([str(path)], str(tmp_path), separator="blank", val_fraction=0.2, workers=1,
-                              shard_tokens=4000, progress=False))
+    m = prepare(
+        PrepareConfig(
+            [str(path)],
+            str(tmp_path),
+            separator="blank",
+            val_fraction=0.2,
+            workers=1,
+            shard_tokens=4000,
+            progress=False,
+        )
+    )
     gpt2 = load_tokenizer("gpt2")
     docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     expect = {"train": [], "val": []}
@@ -60,8 +69,17 @@ def test_one_and_two_workers_write_identical_shards(corpus, tmp_path):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        prepare(PrepareConfig(corpus, str(out), separator="blank", workers=workers, shard_tokens=150_000,
-                              buffer_mb=1, progress=False))
+        prepare(
+            PrepareConfig(
+                corpus,
+                str(out),
+                separator="blank",
+                workers=workers,
+                shard_tokens=150_000,
+                buffer_mb=1,
+                progress=False,
+            )
+        )
         outs.append(out)
     a, b = (_shard_bytes(o) for o in outs)
     assert list(a) == [f"train_{i:05d}.bin" for i in range(5)] + ["val_00000.bin"]
@@ -74,23 +92,49 @@ def test_small_buffer_bounds_text_in_flight_and_changes_nothing(corpus, tmp_path
     seen = []
     real = prep.encode_batch
 
-    def spy(texts, firsts):
+    def spy(texts, firsts, *split):
         seen.append(sum(len(t) for t in texts))
-        return real(texts, firsts)
+        return real(texts, firsts, *split)
 
     monkeypatch.setattr(prep, "encode_batch", spy)
     small = tmp_path / "small"
     buffer_mb = 0.1  # the corpus is 2.4 MB: 24× the buffer, and each file is one long document
-    prepare(PrepareConfig(corpus, str(small), separator="file", val_fraction=0, workers=1, buffer_mb=buffer_mb,
-                          progress=False))
+    prepare(
+        PrepareConfig(
+            corpus,
+            str(small),
+            separator="file",
+            val_fraction=0,
+            workers=1,
+            buffer_mb=buffer_mb,
+            progress=False,
+        )
+    )
     # One worker keeps 2 batches in flight + 1 being read: each batch is at most buffer / 4 characters.
     assert len(seen) > 80 and max(seen) <= buffer_mb * 2**20 / 4
     assert _shard_bytes(small) == _shard_bytes(ref)
 
 
 def test_killed_prepare_resumes_from_last_shard_with_identical_bytes(corpus, tmp_path):
-    args = [sys.executable, "-m", "gptforge", "data", "prepare", *corpus, "--text-sep", "blank", "--workers", "1",
-            "--shard-tokens", "40000", "--val-fraction", "0.05", "--buffer-mb", "0.5", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "gptforge",
+        "data",
+        "prepare",
+        *corpus,
+        "--text-sep",
+        "blank",
+        "--workers",
+        "1",
+        "--shard-tokens",
+        "40000",
+        "--val-fraction",
+        "0.05",
+        "--buffer-mb",
+        "0.5",
+        "--no-progress",
+    ]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert subprocess.run(args + ["--out", str(ref)], capture_output=True).returncode == 0
     env = {**os.environ, "GPTFORGE_PREPARE_KILL_AFTER_SHARDS": "6"}
@@ -101,13 +145,25 @@ def test_killed_prepare_resumes_from_last_shard_with_identical_bytes(corpus, tmp
     assert 0 < state["pieces_done"] and len(state["shards"]["train"]) == 5
     assert subprocess.run(args + ["--out", str(cut)], capture_output=True).returncode == 0
     assert _shard_bytes(cut) == _shard_bytes(ref)
-    assert json.loads((cut / MANIFEST).read_text())["tokens"] == json.loads((ref / MANIFEST).read_text())["tokens"]
+    assert (
+        json.loads((cut / MANIFEST).read_text())["tokens"]
+        == json.loads((ref / MANIFEST).read_text())["tokens"]
+    )
     assert not list(cut.glob(".prepare*"))
 
 
 def test_max_tokens_budget_is_exact(corpus, tmp_path):
-    m = prepare(PrepareConfig(corpus, str(tmp_path), separator="blank", max_tokens=123_457, workers=1,
-                              shard_tokens=50_000, progress=False))
+    m = prepare(
+        PrepareConfig(
+            corpus,
+            str(tmp_path),
+            separator="blank",
+            max_tokens=123_457,
+            workers=1,
+            shard_tokens=50_000,
+            progress=False,
+        )
+    )
     assert m["tokens"]["train"] + m["tokens"]["val"] == 123_457
     assert len(_tokens(tmp_path, "train")) + len(_tokens(tmp_path, "val")) == 123_457
 
@@ -133,13 +189,32 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(GptforgeError, match="no text in the inputs"):
         prepare(PrepareConfig([str(empty)], str(tmp_path / "a"), workers=1, progress=False))
     with pytest.raises(GptforgeError, match="no document fell into the validation split.*--text-sep blank"):
-        prepare(PrepareConfig([str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), workers=1,
-                              progress=False))
+        prepare(
+            PrepareConfig(
+                [str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), workers=1, progress=False
+            )
+        )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "c"), "--workers", "1"]) == 2
-    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "d"), "--workers", "1", "--skip-bad",
-                 "--val-fraction", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(bad),
+                "--out",
+                str(tmp_path / "d"),
+                "--workers",
+                "1",
+                "--skip-bad",
+                "--val-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "d" / MANIFEST).read_text())["skipped_records"] == 1
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "train_00000.bin").write_bytes(b"x")

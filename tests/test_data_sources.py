@@ -33,7 +33,9 @@ def test_cutting_a_whole_file_into_small_pieces_keeps_every_token_id(data_dir):
 
 
 def test_literal_separator_splits_tinystories_into_its_five_stories(data_dir):
-    docs, stats = _docs(Source("txt", str(data_dir / "pretrain/tinystories-5.txt"), separator="<|endoftext|>"))
+    docs, stats = _docs(
+        Source("txt", str(data_dir / "pretrain/tinystories-5.txt"), separator="<|endoftext|>")
+    )
     assert len(docs) == 5 == stats.documents
     assert all("<|endoftext|>" not in d and d == d.strip() for d in docs)
     assert docs[0].startswith("Once upon a time there was a little boy named Ben")
@@ -68,7 +70,9 @@ def test_jsonl_records_with_field_and_errors_with_file_and_line(data_dir, tmp_pa
         _docs(Source("jsonl", str(bad), field="ctx"))
     docs, stats = _docs(Source("jsonl", str(bad), field="ctx"), skip_bad=True)
     assert len(docs) == 6 and stats.skipped == 1
-    with pytest.raises(GptforgeError, match=r"ok\.jsonl:1: record has no field 'text' \(fields: ind, activity_label"):
+    with pytest.raises(
+        GptforgeError, match=r"ok\.jsonl:1: record has no field 'text' \(fields: ind, activity_label"
+    ):
         _docs(Source("jsonl", str(good), field="text"))
 
 
@@ -78,8 +82,10 @@ def test_json_array_and_parquet_column(data_dir, tmp_path):
 
     docs, _ = _docs(Source("json", str(data_dir / "instruct/instruction-data.json"), field="output"))
     assert len(docs) == 1100
-    sms = [line.split("\t", 1)[1] for line in
-           (data_dir / "classify/SMSSpamCollection").read_text(encoding="utf-8").splitlines()[:300]]
+    sms = [
+        line.split("\t", 1)[1]
+        for line in (data_dir / "classify/SMSSpamCollection").read_text(encoding="utf-8").splitlines()[:300]
+    ]
     path = tmp_path / "sms.parquet"
     pq.write_table(pa.table({"message": sms, "n": list(range(len(sms)))}), path, row_group_size=64)
     docs, _ = _docs(Source("parquet", str(path), field="message"))
@@ -90,11 +96,16 @@ def test_json_array_and_parquet_column(data_dir, tmp_path):
 
 def test_expand_sources_globs_directories_names_and_hub_ids(data_dir):
     srcs = expand_sources([str(data_dir / "pretrain/tiny*.txt")])
-    assert [s.path.rsplit("/", 1)[1] for s in srcs] == ["tinyshakespeare.txt", "tinystories-5.txt",
-                                                          "tinystories-sample.txt"]
+    assert [s.path.rsplit("/", 1)[1] for s in srcs] == [
+        "tinyshakespeare.txt",
+        "tinystories-5.txt",
+        "tinystories-sample.txt",
+    ]
     named = expand_sources(["tinyshakespeare"])[0]
     assert named.path == str(data_dir / "pretrain/tinyshakespeare.txt") and named.separator == "blank"
-    assert expand_sources(["tinyshakespeare"], separator="file")[0].separator == "file"  # the user's choice wins
+    assert (
+        expand_sources(["tinyshakespeare"], separator="file")[0].separator == "file"
+    )  # the user's choice wins
     hub = expand_sources(["hf:HuggingFaceFW/fineweb-edu"], hub_config="sample-10BT")[0]
     assert (hub.kind, hub.path, hub.hub_config) == ("hub", "HuggingFaceFW/fineweb-edu", "sample-10BT")
     with pytest.raises(GptforgeError, match="matches no files"):
@@ -104,7 +115,9 @@ def test_expand_sources_globs_directories_names_and_hub_ids(data_dir):
 
 
 def test_iter_texts_streams_all_sources_in_order(data_dir):
-    srcs = expand_sources([str(data_dir / "pretrain/the-verdict.txt"), str(data_dir / "pretrain/tinystories-5.txt")],
-                          separator="<|endoftext|>")
+    srcs = expand_sources(
+        [str(data_dir / "pretrain/the-verdict.txt"), str(data_dir / "pretrain/tinystories-5.txt")],
+        separator="<|endoftext|>",
+    )
     texts = list(iter_texts(srcs, ReadStats()))
     assert len(texts) == 6 and texts[0].startswith("I HAD always thought Jack Gisburn")

@@ -7,8 +7,19 @@ from gptforge.data import registry
 from gptforge.data.sources import expand_sources
 from gptforge.errors import GptforgeError
 
-SEED_DATASETS = ["tinyshakespeare", "tinystories", "fineweb-edu", "fineweb", "alpaca", "dolly", "instruction-data",
-                 "sms-spam", "hellaswag", "mmlu", "gpt2-vocab"]
+SEED_DATASETS = [
+    "tinyshakespeare",
+    "tinystories",
+    "fineweb-edu",
+    "fineweb",
+    "alpaca",
+    "dolly",
+    "instruction-data",
+    "sms-spam",
+    "hellaswag",
+    "mmlu",
+    "gpt2-vocab",
+]
 
 
 @pytest.fixture
@@ -67,7 +78,12 @@ def test_offline_without_a_copy_names_the_file_and_where_to_put_it(offline_empty
 
 def test_streamable_corpus_without_local_copy_becomes_a_hub_source(offline_empty):
     src = expand_sources(["fineweb-edu"])[0]  # nothing is downloaded until iterated
-    assert (src.kind, src.path, src.hub_config, src.field) == ("hub", "HuggingFaceFW/fineweb-edu", "sample-10BT", "text")
+    assert (src.kind, src.path, src.hub_config, src.field) == (
+        "hub",
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+        "text",
+    )
 
 
 def test_cli_list_and_fetch(data_dir, capsys, offline_empty, monkeypatch):
@@ -76,7 +92,9 @@ def test_cli_list_and_fetch(data_dir, capsys, offline_empty, monkeypatch):
     out = capsys.readouterr().out
     assert "tinyshakespeare" in out and "HuggingFaceFW/fineweb-edu" in out
     assert main(["data", "fetch", "tinyshakespeare", "mmlu", "--verify"]) == 0
-    assert capsys.readouterr().out.split() == [str(data_dir / "pretrain/tinyshakespeare.txt"),
-                                               str(data_dir / "eval/mmlu_test.jsonl")]
+    assert capsys.readouterr().out.split() == [
+        str(data_dir / "pretrain/tinyshakespeare.txt"),
+        str(data_dir / "eval/mmlu_test.jsonl"),
+    ]
     assert main(["data", "fetch", "dolly"]) == 2
     assert "databricks-dolly-15k.jsonl" in capsys.readouterr().err

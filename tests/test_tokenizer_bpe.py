@@ -4,8 +4,16 @@ import pytest
 
 from gptforge.cli import main
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import (EOT, IM_END, IM_START, PAD, TIKTOKEN_FILE, load_tiktoken_file, load_tokenizer,
-                                train_bpe)
+from gptforge.tokenizer import (
+    EOT,
+    IM_END,
+    IM_START,
+    PAD,
+    TIKTOKEN_FILE,
+    load_tiktoken_file,
+    load_tokenizer,
+    train_bpe,
+)
 
 
 def _read(path, limit=None):
@@ -15,8 +23,10 @@ def _read(path, limit=None):
 @pytest.fixture(scope="module")
 def bpe(data_dir, tmp_path_factory):
     """A 1,024-token BPE trained on tinyshakespeare + wikitext, saved to a directory."""
-    text = _read(data_dir / "pretrain/tinyshakespeare.txt") + _read(data_dir / "pretrain/wikitext2-raw-test.txt", 400_000)
-    chunks = (text[i:i + 50_000] for i in range(0, len(text), 50_000))
+    text = _read(data_dir / "pretrain/tinyshakespeare.txt") + _read(
+        data_dir / "pretrain/wikitext2-raw-test.txt", 400_000
+    )
+    chunks = (text[i : i + 50_000] for i in range(0, len(text), 50_000))
     tok = train_bpe(chunks, vocab_size=1024, name="shakes-1k")
     out = tmp_path_factory.mktemp("bpe") / "shakes-1k"
     tok.save(out)
@@ -38,8 +48,9 @@ def test_trained_bpe_round_trips_unseen_text_including_non_ascii(bpe, data_dir):
     assert tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.parametrize("rel", ["pretrain/tinyshakespeare.txt", "pretrain/wikitext2-raw-test.txt",
-                                 "classify/SMSSpamCollection"])
+@pytest.mark.parametrize(
+    "rel", ["pretrain/tinyshakespeare.txt", "pretrain/wikitext2-raw-test.txt", "classify/SMSSpamCollection"]
+)
 def test_tiktoken_export_gives_identical_ids(bpe, data_dir, rel):
     tok, out = bpe
     assert (out / TIKTOKEN_FILE).is_file()
@@ -89,7 +100,10 @@ def test_gpt2_chat_adds_chat_tokens_after_the_vocabulary():
 def test_cli_train_info_encode(data_dir, tmp_path, capsys):
     out = tmp_path / "tok"
     src = str(data_dir / "pretrain/tinystories-sample.txt")
-    assert main(["tokenizer", "train", src, "--vocab-size", "600", "--out", str(out), "--text-sep", "blank"]) == 0
+    assert (
+        main(["tokenizer", "train", src, "--vocab-size", "600", "--out", str(out), "--text-sep", "blank"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "vocab 600" in printed and (out / "tokenizer.json").is_file() and (out / TIKTOKEN_FILE).is_file()
     assert main(["tokenizer", "info", str(out), "--sample", str(data_dir / "pretrain/the-verdict.txt")]) == 0

@@ -24,31 +24,52 @@ def register(sub) -> None:
     p = sub.add_parser("data", help="prepare corpora into token shards; named datasets")
     dsub = p.add_subparsers(dest="data_command", metavar="<action>", required=True)
 
-    prep = add_parser(dsub, "prepare", "tokenize text files or a hub dataset into train/val shards + manifest.json",
-                      "gptforge data prepare $GPTFORGE_DATA_DIR/pretrain/tinystories-sample.txt --text-sep blank "
-                      "--tokenizer gpt2 --out data/tinystories --val-fraction 0.05")
-    prep.add_argument("sources", nargs="+", help="files, globs, directories, dataset names (gptforge data list) "
-                                                 "or hub ids (hf:OWNER/NAME)")
+    prep = add_parser(
+        dsub,
+        "prepare",
+        "tokenize text files or a hub dataset into train/val shards + manifest.json",
+        "gptforge data prepare $GPTFORGE_DATA_DIR/pretrain/tinystories-sample.txt --text-sep blank "
+        "--tokenizer gpt2 --out data/tinystories --val-fraction 0.05",
+    )
+    prep.add_argument(
+        "sources",
+        nargs="+",
+        help="files, globs, directories, dataset names (gptforge data list) or hub ids (hf:OWNER/NAME)",
+    )
     prep.add_argument("--tokenizer", default="gpt2", help="gpt2, gpt2-chat, or a trained tokenizer directory")
     prep.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)")
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)"
+    )
     prep.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
-    prep.add_argument("--shard-tokens", type=_count, default=100_000_000, help="tokens per shard (default 100M)")
+    prep.add_argument(
+        "--shard-tokens", type=_count, default=100_000_000, help="tokens per shard (default 100M)"
+    )
     prep.add_argument("--max-tokens", type=_count, default=None, help="token budget, e.g. 2.5B (train + val)")
-    prep.add_argument("--buffer-mb", type=float, default=256.0, help="text in flight, bounds memory (default 256)")
+    prep.add_argument(
+        "--buffer-mb", type=float, default=256.0, help="text in flight, bounds memory (default 256)"
+    )
     prep.add_argument("--split-salt", default="gptforge", help="changes which documents go to val")
     prep.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     _add_source_options(prep)
     prep.set_defaults(func=run_prepare)
 
-    lst = add_parser(dsub, "list", "the named datasets, their sources and whether a local copy exists",
-                     "gptforge data list")
+    lst = add_parser(
+        dsub,
+        "list",
+        "the named datasets, their sources and whether a local copy exists",
+        "gptforge data list",
+    )
     lst.add_argument("--json", action="store_true", help="print JSON")
     lst.set_defaults(func=run_list)
 
-    fetch = add_parser(dsub, "fetch", "print the local path of named datasets, downloading into the cache if needed",
-                       "gptforge data fetch tinyshakespeare hellaswag")
+    fetch = add_parser(
+        dsub,
+        "fetch",
+        "print the local path of named datasets, downloading into the cache if needed",
+        "gptforge data fetch tinyshakespeare hellaswag",
+    )
     fetch.add_argument("names", nargs="+", help="dataset names (see gptforge data list)")
     fetch.add_argument("--verify", action="store_true", help="check the sha256 of single-file datasets")
     fetch.set_defaults(func=run_fetch)
@@ -58,11 +79,23 @@ def run_prepare(args) -> int:
     from gptforge.data.prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(
-        sources=args.sources, out=args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-        shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, workers=args.workers,
-        separator=args.separator, field=args.field, column=args.column, hub_config=args.hub_config,
-        hub_split=args.hub_split, split_salt=args.split_salt, skip_bad=args.skip_bad, buffer_mb=args.buffer_mb,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        sources=args.sources,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        separator=args.separator,
+        field=args.field,
+        column=args.column,
+        hub_config=args.hub_config,
+        hub_split=args.hub_split,
+        split_salt=args.split_salt,
+        skip_bad=args.skip_bad,
+        buffer_mb=args.buffer_mb,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     prepare(cfg)
     return 0
@@ -89,6 +122,8 @@ def run_fetch(args) -> int:
     for name in args.names:
         path = resolve(name)
         if args.verify and path.is_file() and not verify(get(name), path):
-            raise GptforgeError(f"{path} does not match the sha256 of {name!r}: replace it with the original file")
+            raise GptforgeError(
+                f"{path} does not match the sha256 of {name!r}: replace it with the original file"
+            )
         print(path)
     return 0

@@ -45,7 +45,9 @@ class PrepareConfig:
     shard_tokens: int = 100_000_000
     max_tokens: int | None = None
     workers: int = 0  # 0: all cores
-    separator: str | None = None  # .txt documents: file | blank | line | a literal; None: file (or the registry's)
+    separator: str | None = (
+        None  # .txt documents: file | blank | line | a literal; None: file (or the registry's)
+    )
     field: str = "text"  # .jsonl/.json field
     column: str | None = None  # .parquet column (default: field)
     hub_config: str | None = None
@@ -62,12 +64,11 @@ class PrepareConfig:
 
 
 def is_validation(text: str, val_fraction: float, salt: str = "gptforge") -> bool:
-    """The stable per-document split: blake2b of (salt, first 1,024 characters) below ``val_fraction``."""
+    """The stable per-document split: blake2b-64 of (salt, NUL, first 1,024 characters) / 2^64 < ``val_fraction``."""
     if val_fraction <= 0:
         return False
-    h = hashlib.blake2b(text[:SPLIT_HASH_CHARS].encode("utf-8", "surrogatepass"), digest_size=8,
-                        key=salt.encode()[:64])
-    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
+    data = f"{salt}\0{text[:SPLIT_HASH_CHARS]}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2**64 < val_fraction
 
 
 # ---- workers --------------------------------------------------------------------------------------------------
@@ -96,8 +97,7 @@ def _init_worker(payload: tuple, dtype: str) -> None:
     if payload[0] == "tiktoken":
         from gptforge.tokenizer import tiktoken_encoding
 
-        enc = tiktoken_encoding(payload[1], payload[2])
-        encode = enc.encode_ordinary
+        encode = _numpy_encoder(tiktoken_encoding(payload[1], payload[2]))
     else:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -108,25 +108,50 @@ def _init_worker(payload: tuple, dtype: str) -> None:
     _ENCODER = (encode, payload[-1], np.dtype(dtype))
 
 
-def encode_batch(texts: list[str], firsts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the pieces in order, an end-of-text before each document start; and tokens per piece."""
+def _numpy_encoder(enc):
+    """Plain-text tiktoken encoding straight into a numpy array (no Python list of ints)."""
+
+    def encode(text: str) -> np.ndarray:
+        try:
+            return enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates (e.g. from JSON escapes): replace them, as tiktoken does
+            return enc.encode_to_numpy(
+                text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
+            )
+
+    return encode
+
+
+def _init_local_encoder(tokenizer, payload: tuple, dtype: np.dtype) -> None:
+    """In-process encoding (one worker): reuse GPT-2's already built tiktoken encoding."""
+    global _ENCODER
+    from gptforge.tokenizer import TiktokenTokenizer
+
+    if isinstance(tokenizer, TiktokenTokenizer):
+        _ENCODER = (_numpy_encoder(tokenizer._enc), tokenizer.eot_id, dtype)
+    else:
+        _init_worker(payload, dtype.str)
+
+
+def encode_batch(
+    texts: list[str], firsts: np.ndarray, val_fraction: float = 0.0, salt: str = "gptforge"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids of the pieces in order with an end-of-text before each document start, tokens per piece,
+    and the split (True: val) of each document starting in the batch."""
     encode, eot, dtype = _ENCODER
+    eot_array = np.array([eot], dtype=dtype)
     parts = []
     counts = np.empty(len(texts), dtype=np.int64)
+    doc_val = []
     for i, text in enumerate(texts):
         ids = encode(text)
         if firsts[i]:
-            parts.append((eot,))
+            parts.append(eot_array)
+            doc_val.append(is_validation(text, val_fraction, salt))
         parts.append(ids)
         counts[i] = len(ids) + int(firsts[i])
-    total = int(counts.sum())
-    out = np.empty(total, dtype=dtype)
-    pos = 0
-    for p in parts:
-        n = len(p)
-        out[pos:pos + n] = p
-        pos += n
-    return out, counts
+    out = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
+    return out, counts, np.array(doc_val, dtype=bool)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -135,7 +160,9 @@ def encode_batch(texts: list[str], firsts: np.ndarray) -> tuple[np.ndarray, np.n
 class ShardWriter:
     """Accumulates one split's tokens and writes full shards of exactly ``shard_tokens`` tokens."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, kill_after: int | None = None):
+    def __init__(
+        self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, kill_after: int | None = None
+    ):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.chunks: list[np.ndarray] = []
         self.pending = 0
@@ -154,7 +181,7 @@ class ShardWriter:
         while self.pending >= self.shard_tokens:
             buf = np.concatenate(self.chunks)
             self._write(buf[: self.shard_tokens])
-            rest = buf[self.shard_tokens:]
+            rest = buf[self.shard_tokens :]
             self.chunks, self.pending = ([rest] if rest.size else []), rest.size
             wrote = True
         return wrote
@@ -179,8 +206,9 @@ class ShardWriter:
         name = shardfmt.shard_name(self.split, len(self.shards))
         path = self.out / name
         shardfmt.write_shard(path, tokens, self.dtype)
-        self.shards.append({"name": name, "split": self.split, "tokens": int(tokens.size),
-                            "sha256": sha256_file(path)})
+        self.shards.append(
+            {"name": name, "split": self.split, "tokens": int(tokens.size), "sha256": sha256_file(path)}
+        )
         if self.kill_after is not None and len(self.shards) >= self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between a shard and its checkpoint
 
@@ -224,7 +252,12 @@ class DocStats:
             self.max_len = max(self.max_len, int(lengths.max()))
 
     def state(self) -> dict:
-        return {"docs": self.docs, "hist": self.hist.tolist(), "open_len": self.open_len, "max_len": self.max_len}
+        return {
+            "docs": self.docs,
+            "hist": self.hist.tolist(),
+            "open_len": self.open_len,
+            "max_len": self.max_len,
+        }
 
     def load(self, s: dict) -> None:
         self.docs, self.hist = dict(s["docs"]), np.array(s["hist"], dtype=np.int64)
@@ -236,17 +269,28 @@ class DocStats:
 
 def _fingerprint(cfg: PrepareConfig, tokenizer, sources) -> dict:
     return {
-        "tokenizer": {"name": tokenizer.name, "hash": tokenizer.content_hash(), "vocab_size": tokenizer.vocab_size},
+        "tokenizer": {
+            "name": tokenizer.name,
+            "hash": tokenizer.content_hash(),
+            "vocab_size": tokenizer.vocab_size,
+        },
         "sources": [{**s.describe(), "bytes": s.size} for s in sources],
-        "val_fraction": cfg.val_fraction, "split_salt": cfg.split_salt, "shard_tokens": cfg.shard_tokens,
-        "max_tokens": cfg.max_tokens, "skip_bad": cfg.skip_bad,
+        "val_fraction": cfg.val_fraction,
+        "split_salt": cfg.split_salt,
+        "shard_tokens": cfg.shard_tokens,
+        "max_tokens": cfg.max_tokens,
+        "skip_bad": cfg.skip_bad,
     }
 
 
 def _our_files(out: Path) -> list[Path]:
     names = [shardfmt.MANIFEST, STATE, HISTOGRAM_PNG]
-    return ([out / n for n in names if (out / n).exists()] + sorted(out.glob("train_*.bin*"))
-            + sorted(out.glob("val_*.bin*")) + sorted(out.glob(".prepare_tail_*.npz")))
+    return (
+        [out / n for n in names if (out / n).exists()]
+        + sorted(out.glob("train_*.bin*"))
+        + sorted(out.glob("val_*.bin*"))
+        + sorted(out.glob(".prepare_tail_*.npz"))
+    )
 
 
 def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str, dict | None]:
@@ -264,8 +308,10 @@ def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str,
     if previous is None:
         stray = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin"))
         if stray:
-            raise GptforgeError(f"{out} already holds shards ({stray[0].name}, ...) but no manifest: "
-                                "use a new --out directory or pass --overwrite")
+            raise GptforgeError(
+                f"{out} already holds shards ({stray[0].name}, ...) but no manifest: "
+                "use a new --out directory or pass --overwrite"
+            )
         return "fresh", None
     old = previous.get("fingerprint", {})
     old_tok, new_tok = old.get("tokenizer", {}), fingerprint["tokenizer"]
@@ -273,11 +319,14 @@ def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str,
         raise GptforgeError(
             f"{out} holds shards made with tokenizer {old_tok.get('name')!r} (hash {old_tok.get('hash')}, vocab "
             f"{old_tok.get('vocab_size')}), not {new_tok['name']!r} (hash {new_tok['hash']}, vocab "
-            f"{new_tok['vocab_size']}): use a new --out directory or pass --overwrite")
+            f"{new_tok['vocab_size']}): use a new --out directory or pass --overwrite"
+        )
     if old != fingerprint:
         changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-        raise GptforgeError(f"{out} holds data prepared with different options ({', '.join(changed)}): "
-                            "use a new --out directory or pass --overwrite")
+        raise GptforgeError(
+            f"{out} holds data prepared with different options ({', '.join(changed)}): "
+            "use a new --out directory or pass --overwrite"
+        )
     return ("done" if manifest_path.is_file() else "resume"), previous
 
 
@@ -308,8 +357,10 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
     status, previous = _check_existing(out, fingerprint, cfg.overwrite)
     if status == "done":
         if cfg.progress:
-            print(f"{out}: already prepared ({previous['tokens']['train']:,} train + {previous['tokens']['val']:,} "
-                  "val tokens); pass --overwrite to redo it")
+            print(
+                f"{out}: already prepared ({previous['tokens']['train']:,} train + {previous['tokens']['val']:,} "
+                "val tokens); pass --overwrite to redo it"
+            )
         return previous
     return _Run(cfg, tokenizer, sources, out, fingerprint, previous).run()
 
@@ -321,7 +372,9 @@ class _Run:
         self.dtype = shardfmt.token_dtype(tokenizer.vocab_size)
         kill = os.environ.get("GPTFORGE_PREPARE_KILL_AFTER_SHARDS")
         kill_after = int(kill) if kill else None
-        self.writers = {s: ShardWriter(out, s, self.dtype, cfg.shard_tokens, kill_after) for s in ("train", "val")}
+        self.writers = {
+            s: ShardWriter(out, s, self.dtype, cfg.shard_tokens, kill_after) for s in ("train", "val")
+        }
         self.docs = DocStats()
         self.read = ReadStats()
         self.per_source_docs: list[int] = []
@@ -335,8 +388,10 @@ class _Run:
         self.batch_chars = max(1 << 12, min(4 << 20, buffer_chars // (self.inflight + 2)))
         self.piece_chars = min(DEFAULT_PIECE_CHARS, self.batch_chars)
         self.budget = cfg.max_tokens
+        self.split_args = (cfg.val_fraction, cfg.split_salt)
         self.start_time = time.time()
         self.elapsed_before = 0.0
+        self.current_is_val = False  # the split of the document the last consumed piece belongs to
         if previous is not None:
             self._restore(previous)
 
@@ -355,6 +410,7 @@ class _Run:
         self.docs.load(state["docs"])
         self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]
         self.generation = state["generation"]
+        self.current_is_val = state["current_is_val"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
 
     def _checkpoint(self) -> None:
@@ -363,10 +419,17 @@ class _Run:
         tmp = self.out / (tails + ".tmp.npz")
         np.savez(tmp, train=self.writers["train"].tail(), val=self.writers["val"].tail())
         os.replace(tmp, self.out / tails)
-        state = {"fingerprint": self.fingerprint, "generation": self.generation, "tails": tails,
-                 "pieces_done": self.pieces_done, "bytes_done": self.bytes_done, "docs": self.docs.state(),
-                 "shards": {s: w.shards for s, w in self.writers.items()},
-                 "elapsed_s": self.elapsed_before + time.time() - self.start_time}
+        state = {
+            "fingerprint": self.fingerprint,
+            "generation": self.generation,
+            "tails": tails,
+            "pieces_done": self.pieces_done,
+            "bytes_done": self.bytes_done,
+            "docs": self.docs.state(),
+            "current_is_val": self.current_is_val,
+            "shards": {s: w.shards for s, w in self.writers.items()},
+            "elapsed_s": self.elapsed_before + time.time() - self.start_time,
+        }
         _atomic_json(self.out / STATE, state)
         for old in self.out.glob(".prepare_tail_*.npz"):
             if old.name != tails:
@@ -375,29 +438,27 @@ class _Run:
     # -- reading --
 
     def _batches(self):
-        """(texts, firsts, vals, nbytes) batches of pieces after the ``pieces_done`` already written."""
-        texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
+        """(texts, firsts, nbytes) batches of pieces after the ``pieces_done`` already written.
+
+        The main process only reads and cuts; hashing for the split and tokenizing happen in the workers."""
+        texts, firsts, nbytes, chars = [], [], 0, 0
         index = 0
-        is_val = False
         for src in self.sources:
             before = self.read.documents
             for piece in src.pieces(self.read, self.piece_chars, self.cfg.skip_bad):
-                if piece.first:
-                    is_val = is_validation(piece.text, self.cfg.val_fraction, self.cfg.split_salt)
                 index += 1
                 if index <= self.pieces_done:
                     continue
                 if texts and chars + len(piece.text) > self.batch_chars:  # a batch never exceeds batch_chars
-                    yield texts, np.array(firsts), np.array(vals), nbytes
-                    texts, firsts, vals, nbytes, chars = [], [], [], 0, 0
+                    yield texts, np.array(firsts), nbytes
+                    texts, firsts, nbytes, chars = [], [], 0, 0
                 texts.append(piece.text)
                 firsts.append(piece.first)
-                vals.append(is_val)
                 nbytes += piece.nbytes
                 chars += len(piece.text)
             self.per_source_docs.append(self.read.documents - before)
         if texts:
-            yield texts, np.array(firsts), np.array(vals), nbytes
+            yield texts, np.array(firsts), nbytes
 
     # -- main loop --
 
@@ -405,46 +466,42 @@ class _Run:
         payload = encoder_payload(self.tokenizer)
         if self.pieces_done == 0 and not (self.out / STATE).exists():
             self._checkpoint()  # marks the directory as ours from the first byte on
-        total_bytes = sum(s.size for s in self.sources) if all(s.size is not None for s in self.sources) else None
-        bar = _progress(self.cfg.progress, total_bytes, self.bytes_done)
-        done = self._budget_left() == 0
-        try:
-            if not done:
-                if self.workers == 1:
-                    _init_worker(payload, self.dtype.str)
-                    for batch in self._batches():
-                        if self._consume(batch, encode_batch(batch[0], batch[1]), bar):
-                            break
-                else:
-                    self._run_pool(payload, bar)
-        finally:
-            bar.close()
+        total_bytes = (
+            sum(s.size for s in self.sources) if all(s.size is not None for s in self.sources) else None
+        )
+        if self._budget_left() == 0:
+            return self._finish()
+        if self.workers == 1:
+            _init_local_encoder(self.tokenizer, payload, self.dtype)
+            with _progress(self.cfg.progress, total_bytes, self.bytes_done) as bar:
+                for batch in self._batches():
+                    if self._consume(batch, encode_batch(batch[0], batch[1], *self.split_args), bar):
+                        break
+            return self._finish()
+        with _worker_pool(self.workers, payload, self.dtype) as pool:
+            with _progress(self.cfg.progress, total_bytes, self.bytes_done) as bar:
+                self._run_pool(pool, bar)
         return self._finish()
 
-    def _run_pool(self, payload, bar) -> None:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(payload, self.dtype.str)) as pool:
-            pending: deque = deque()
-            batches = self._batches()
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < self.inflight:
-                    batch = next(batches, None)
-                    if batch is None:
-                        exhausted = True
-                        break
-                    pending.append((batch, pool.submit(encode_batch, batch[0], batch[1])))
-                if not pending:
-                    return
-                batch, future = pending.popleft()
-                if self._consume(batch, future.result(), bar):
-                    for _, f in pending:
-                        f.cancel()
-                    return
+    def _run_pool(self, pool, bar) -> None:
+        """Keep ``inflight`` batches queued; consume results strictly in submission order."""
+        pending: deque = deque()
+        batches = self._batches()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < self.inflight:
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                pending.append((batch, pool.submit(encode_batch, batch[0], batch[1], *self.split_args)))
+            if not pending:
+                return
+            batch, future = pending.popleft()
+            if self._consume(batch, future.result(), bar):
+                for _, f in pending:
+                    f.cancel()
+                return
 
     def _budget_left(self) -> int | None:
         if self.budget is None:
@@ -453,8 +510,13 @@ class _Run:
 
     def _consume(self, batch, result, bar) -> bool:
         """Route one batch's tokens to the splits; returns True when the token budget is reached."""
-        texts, firsts, vals, nbytes = batch
-        tokens, counts = result
+        texts, firsts, nbytes = batch
+        tokens, counts, doc_val = result
+        # Each piece takes the split of its document; pieces before the first start continue the open one.
+        doc_index = np.cumsum(firsts)
+        vals = np.concatenate([[self.current_is_val], doc_val])[doc_index]
+        if vals.size:
+            self.current_is_val = bool(vals[-1])
         left = self._budget_left()
         stop = False
         if left is not None and tokens.size >= left:
@@ -475,8 +537,10 @@ class _Run:
         self.bytes_done += nbytes
         bar.update(nbytes)
         elapsed = max(1e-9, time.time() - self.start_time)
-        bar.set_postfix_str(f"{(self.writers['train'].tokens + self.writers['val'].tokens) / elapsed / 1e6:.2f}M tok/s",
-                            refresh=False)
+        bar.set_postfix_str(
+            f"{(self.writers['train'].tokens + self.writers['val'].tokens) / elapsed / 1e6:.2f}M tok/s",
+            refresh=False,
+        )
         if wrote and not stop:
             self._checkpoint()
         return stop
@@ -484,8 +548,10 @@ class _Run:
     def _finish(self) -> dict:
         cfg = self.cfg
         if self.read.empty_files and len(self.read.empty_files) == len(self.sources):
-            raise GptforgeError(f"no text in the inputs: {', '.join(self.read.empty_files[:5])} "
-                                "hold no documents (empty files, or every record skipped)")
+            raise GptforgeError(
+                f"no text in the inputs: {', '.join(self.read.empty_files[:5])} "
+                "hold no documents (empty files, or every record skipped)"
+            )
         total = self.writers["train"].tokens + self.writers["val"].tokens
         if total == 0:
             raise GptforgeError("the inputs produced no tokens (empty files, or every record skipped)")
@@ -494,7 +560,8 @@ class _Run:
             raise GptforgeError(
                 f"no document fell into the validation split ({n:,} documents, --val-fraction {cfg.val_fraction}): "
                 "the split is per document, so use more documents (e.g. --text-sep blank for paragraphs, or a "
-                "literal separator), a larger --val-fraction, or --val-fraction 0; add --overwrite to redo")
+                "literal separator), a larger --val-fraction, or --val-fraction 0; add --overwrite to redo"
+            )
         self.docs.close()
         for w in self.writers.values():
             w.finish()
@@ -504,25 +571,42 @@ class _Run:
         manifest = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
-            "tokenizer": {"name": self.tokenizer.name, "kind": self.tokenizer.kind,
-                          "hash": self.tokenizer.content_hash(), "vocab_size": self.tokenizer.vocab_size,
-                          "eot_id": self.tokenizer.eot_id, "path": "tokenizer"},
+            "tokenizer": {
+                "name": self.tokenizer.name,
+                "kind": self.tokenizer.kind,
+                "hash": self.tokenizer.content_hash(),
+                "vocab_size": self.tokenizer.vocab_size,
+                "eot_id": self.tokenizer.eot_id,
+                "path": "tokenizer",
+            },
             "dtype": self.dtype.name,
             "shard_tokens": cfg.shard_tokens,
-            "sources": [{**s.describe(), "bytes": s.size,
-                         "documents": self.per_source_docs[i] if i < len(self.per_source_docs) else None}
-                        for i, s in enumerate(self.sources)],
+            "sources": [
+                {
+                    **s.describe(),
+                    "bytes": s.size,
+                    "documents": self.per_source_docs[i] if i < len(self.per_source_docs) else None,
+                }
+                for i, s in enumerate(self.sources)
+            ],
             "documents": dict(self.docs.docs),
             "tokens": {s: w.tokens for s, w in self.writers.items()},
             "bytes": self.bytes_done,
-            "split": {"rule": f"per document: blake2b(key=split_salt, first {SPLIT_HASH_CHARS} characters) "
-                              "/ 2^64 < val_fraction", "val_fraction": cfg.val_fraction, "split_salt": cfg.split_salt},
+            "split": {
+                "rule": f"per document: blake2b-64(split_salt + NUL + first {SPLIT_HASH_CHARS} characters) "
+                "/ 2^64 < val_fraction",
+                "val_fraction": cfg.val_fraction,
+                "split_salt": cfg.split_salt,
+            },
             "document_boundary": "<|endoftext|> (eot_id) before every document",
             "max_tokens": cfg.max_tokens,
             "bad_utf8_replaced": self.read.bad_utf8,
             "skipped_records": self.read.skipped,
-            "doc_length_histogram": {"bins": "bin b counts documents of [2^(b-1), 2^b) tokens",
-                                     "counts": self.docs.hist.tolist(), "max": self.docs.max_len},
+            "doc_length_histogram": {
+                "bins": "bin b counts documents of [2^(b-1), 2^b) tokens",
+                "counts": self.docs.hist.tolist(),
+                "max": self.docs.max_len,
+            },
             "shards": self.writers["train"].shards + self.writers["val"].shards,
             "elapsed_s": round(elapsed, 3),
         }
@@ -537,11 +621,35 @@ class _Run:
         return manifest
 
 
+def _worker_pool(workers: int, payload: tuple, dtype: np.dtype):
+    """A process pool whose workers hold the encoder. Linux forks (fast start, the parent's tokenizer is
+    inherited); elsewhere, or with GPTFORGE_MP_START=spawn, fresh interpreters. Workers start here, before
+    any progress-bar thread exists."""
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = os.environ.get("GPTFORGE_MP_START") or ("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context(method), initializer=_init_worker, initargs=(payload, dtype.str)
+    )
+    pool.submit(int).result()  # launch the workers now
+    return pool
+
+
 def _progress(enabled: bool, total: int | None, initial: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc="prepare", disable=not enabled,
-                smoothing=0.1, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not enabled,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
 
 
 def summary(manifest: dict, out: Path) -> str:
@@ -551,12 +659,14 @@ def summary(manifest: dict, out: Path) -> str:
     secs = max(manifest["elapsed_s"], 1e-9)
     n_train = sum(1 for s in manifest["shards"] if s["split"] == "train")
     n_val = len(manifest["shards"]) - n_train
-    text = (f"prepared {total:,} tokens ({tok['train']:,} train / {tok['val']:,} val) from {docs['train'] + docs['val']:,} "
-            f"documents ({docs['val']:,} val) and {manifest['bytes'] / 1e6:.1f} MB of text "
-            f"({manifest['bytes'] / max(total, 1):.2f} bytes/token) with tokenizer {manifest['tokenizer']['name']} "
-            f"(vocab {manifest['tokenizer']['vocab_size']:,}, {manifest['dtype']}) in {secs:.1f}s "
-            f"({manifest['bytes'] / secs / 1e6:.1f} MB/s, {total / secs / 1e6:.2f}M tokens/s); "
-            f"{n_train} train + {n_val} val shards in {out}")
+    text = (
+        f"prepared {total:,} tokens ({tok['train']:,} train / {tok['val']:,} val) from {docs['train'] + docs['val']:,} "
+        f"documents ({docs['val']:,} val) and {manifest['bytes'] / 1e6:.1f} MB of text "
+        f"({manifest['bytes'] / max(total, 1):.2f} bytes/token) with tokenizer {manifest['tokenizer']['name']} "
+        f"(vocab {manifest['tokenizer']['vocab_size']:,}, {manifest['dtype']}) in {secs:.1f}s "
+        f"({manifest['bytes'] / secs / 1e6:.1f} MB/s, {total / secs / 1e6:.2f}M tokens/s); "
+        f"{n_train} train + {n_val} val shards in {out}"
+    )
     if manifest["bad_utf8_replaced"]:
         text += f"; {manifest['bad_utf8_replaced']:,} invalid UTF-8 sequences replaced with U+FFFD"
     if manifest["skipped_records"]:
@@ -578,9 +688,9 @@ def plot_histogram(manifest: dict, path: Path) -> None:
     if nz.size == 0:
         return
     lo, hi = int(nz[0]), int(nz[-1])
-    labels = [f"<{2 ** b:,}" if b > 0 else "0" for b in range(lo, hi + 1)]
+    labels = [f"<{2**b:,}" if b > 0 else "0" for b in range(lo, hi + 1)]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(labels)), counts[lo:hi + 1], color="#4c72b0")
+    ax.bar(range(len(labels)), counts[lo : hi + 1], color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("document length (tokens, log2 bins)")
     ax.set_ylabel("documents")

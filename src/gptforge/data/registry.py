@@ -39,65 +39,170 @@ class Dataset:
     sha256: str | None = None  # of the file at relpath, when it is one canonical file
     separator: str | None = None  # txt documents: file | blank | literal
     text_field: str | None = None  # jsonl/parquet/hub text field
-    streamable: bool = False  # a large hub corpus: `data prepare NAME` streams it, resolve() does not download
+    streamable: bool = (
+        False  # a large hub corpus: `data prepare NAME` streams it, resolve() does not download
+    )
     license: str = ""
 
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in [
-    # One file of plays: its blank-line-separated speeches serve as documents, so a per-document split works.
-    Dataset("tinyshakespeare", "Shakespeare plays, plain text (1.1 MB; speeches as documents)",
-            "pretrain/tinyshakespeare.txt", "txt",
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in [
+        # One file of plays: its blank-line-separated speeches serve as documents, so a per-document split works.
+        Dataset(
+            "tinyshakespeare",
+            "Shakespeare plays, plain text (1.1 MB; speeches as documents)",
+            "pretrain/tinyshakespeare.txt",
+            "txt",
             url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", separator="blank",
-            license="public domain"),
-    Dataset("wikitext2", "WikiText-2 raw, test split (1.3 MB)", "pretrain/wikitext2-raw-test.txt", "txt",
-            hub="Salesforce/wikitext", hub_config="wikitext-2-raw-v1", hub_split="test",
-            sha256="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", separator="blank",
-            license="CC BY-SA 3.0"),
-    Dataset("tinystories", "TinyStories (roneneldan/TinyStories); locally a ~200-story sample, blank-line separated",
-            "pretrain/tinystories-sample.txt", "txt", hub="roneneldan/TinyStories", separator="blank",
-            text_field="text", streamable=True, license="CDLA-Sharing-1.0"),
-    Dataset("fineweb-edu", "FineWeb-Edu sample-10BT (~10B GPT-2 tokens, parquet on the hub)",
-            "pretrain/fineweb-edu-sample-10BT", "parquet", hub="HuggingFaceFW/fineweb-edu", hub_config="sample-10BT",
-            text_field="text", streamable=True, license="ODC-By 1.0"),
-    Dataset("fineweb", "FineWeb sample-10BT (~10B GPT-2 tokens, parquet on the hub)", "pretrain/fineweb-sample-10BT",
-            "parquet", hub="HuggingFaceFW/fineweb", hub_config="sample-10BT", text_field="text", streamable=True,
-            license="ODC-By 1.0"),
-    Dataset("alpaca", "Stanford Alpaca, 52k instructions {instruction, input, output}", "instruct/alpaca_data.json",
-            "json", url="https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
-            hub="tatsu-lab/alpaca", license="CC BY-NC 4.0"),
-    Dataset("dolly", "databricks-dolly-15k {instruction, context, response, category}",
-            "instruct/databricks-dolly-15k.jsonl", "jsonl",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            separator="blank",
+            license="public domain",
+        ),
+        Dataset(
+            "wikitext2",
+            "WikiText-2 raw, test split (1.3 MB)",
+            "pretrain/wikitext2-raw-test.txt",
+            "txt",
+            hub="Salesforce/wikitext",
+            hub_config="wikitext-2-raw-v1",
+            hub_split="test",
+            sha256="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+            separator="blank",
+            license="CC BY-SA 3.0",
+        ),
+        Dataset(
+            "tinystories",
+            "TinyStories (roneneldan/TinyStories); locally a ~200-story sample, blank-line separated",
+            "pretrain/tinystories-sample.txt",
+            "txt",
+            hub="roneneldan/TinyStories",
+            separator="blank",
+            text_field="text",
+            streamable=True,
+            license="CDLA-Sharing-1.0",
+        ),
+        Dataset(
+            "fineweb-edu",
+            "FineWeb-Edu sample-10BT (~10B GPT-2 tokens, parquet on the hub)",
+            "pretrain/fineweb-edu-sample-10BT",
+            "parquet",
+            hub="HuggingFaceFW/fineweb-edu",
+            hub_config="sample-10BT",
+            text_field="text",
+            streamable=True,
+            license="ODC-By 1.0",
+        ),
+        Dataset(
+            "fineweb",
+            "FineWeb sample-10BT (~10B GPT-2 tokens, parquet on the hub)",
+            "pretrain/fineweb-sample-10BT",
+            "parquet",
+            hub="HuggingFaceFW/fineweb",
+            hub_config="sample-10BT",
+            text_field="text",
+            streamable=True,
+            license="ODC-By 1.0",
+        ),
+        Dataset(
+            "alpaca",
+            "Stanford Alpaca, 52k instructions {instruction, input, output}",
+            "instruct/alpaca_data.json",
+            "json",
+            url="https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
+            hub="tatsu-lab/alpaca",
+            license="CC BY-NC 4.0",
+        ),
+        Dataset(
+            "dolly",
+            "databricks-dolly-15k {instruction, context, response, category}",
+            "instruct/databricks-dolly-15k.jsonl",
+            "jsonl",
             url="https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl",
-            hub="databricks/databricks-dolly-15k", license="CC BY-SA 3.0"),
-    Dataset("instruction-data", "the book's 1.1k Alpaca-format instruction set (LLMs-from-scratch ch07)",
-            "instruct/instruction-data.json", "json",
+            hub="databricks/databricks-dolly-15k",
+            license="CC BY-SA 3.0",
+        ),
+        Dataset(
+            "instruction-data",
+            "the book's 1.1k Alpaca-format instruction set (LLMs-from-scratch ch07)",
+            "instruct/instruction-data.json",
+            "json",
             url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
-                "instruction-data.json",
-            sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", license="Apache-2.0"),
-    Dataset("sms-spam", "SMS Spam Collection v.1, TSV label<TAB>text (5,574 messages)", "classify/SMSSpamCollection",
-            "tsv", url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-            sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d", license="CC BY 4.0"),
-    Dataset("hellaswag", "HellaSwag validation (10,042 items, rowanz format)", "eval/hellaswag_val.jsonl", "jsonl",
+            "instruction-data.json",
+            sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+            license="Apache-2.0",
+        ),
+        Dataset(
+            "sms-spam",
+            "SMS Spam Collection v.1, TSV label<TAB>text (5,574 messages)",
+            "classify/SMSSpamCollection",
+            "tsv",
+            url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+            sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+            license="CC BY 4.0",
+        ),
+        Dataset(
+            "hellaswag",
+            "HellaSwag validation (10,042 items, rowanz format)",
+            "eval/hellaswag_val.jsonl",
+            "jsonl",
             url="https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
-            hub="Rowan/hellaswag", sha256="dc1be2fa1bef56aab8e92a5be597a617e363b09239fa66822939d7fb7a8da4ec",
-            license="MIT"),
-    Dataset("mmlu", "MMLU test split {question, subject, choices, answer} (14,042 items)", "eval/mmlu_test.jsonl",
-            "jsonl", hub="cais/mmlu", hub_config="all", hub_split="test",
-            sha256="903179ca496c3a80683685a3e4bcec761d2826df64682892cde15def955f6e7d", license="MIT"),
-    Dataset("mmlu-validation", "MMLU validation split (1,531 items)", "eval/mmlu_validation.jsonl", "jsonl",
-            hub="cais/mmlu", hub_config="all", hub_split="validation",
-            sha256="e2bdfcb1d829e58e22b229e35c04fed377b8d5ed74197d5ef25c28cd9ad2f39d", license="MIT"),
-    Dataset("mmlu-dev", "MMLU dev split, the 5-shot examples (285 items)", "eval/mmlu_dev.jsonl", "jsonl",
-            hub="cais/mmlu", hub_config="all", hub_split="dev",
-            sha256="0b841f7363db50b453f487870576f828e3b8bb106b6a721db67fa382e4a37ec8", license="MIT"),
-    Dataset("gpt2-vocab", "GPT-2 BPE ranks in tiktoken format (50,256 ranks + <|endoftext|>)",
-            "tokenizers/gpt2/r50k_base.tiktoken", "tiktoken",
+            hub="Rowan/hellaswag",
+            sha256="dc1be2fa1bef56aab8e92a5be597a617e363b09239fa66822939d7fb7a8da4ec",
+            license="MIT",
+        ),
+        Dataset(
+            "mmlu",
+            "MMLU test split {question, subject, choices, answer} (14,042 items)",
+            "eval/mmlu_test.jsonl",
+            "jsonl",
+            hub="cais/mmlu",
+            hub_config="all",
+            hub_split="test",
+            sha256="903179ca496c3a80683685a3e4bcec761d2826df64682892cde15def955f6e7d",
+            license="MIT",
+        ),
+        Dataset(
+            "mmlu-validation",
+            "MMLU validation split (1,531 items)",
+            "eval/mmlu_validation.jsonl",
+            "jsonl",
+            hub="cais/mmlu",
+            hub_config="all",
+            hub_split="validation",
+            sha256="e2bdfcb1d829e58e22b229e35c04fed377b8d5ed74197d5ef25c28cd9ad2f39d",
+            license="MIT",
+        ),
+        Dataset(
+            "mmlu-dev",
+            "MMLU dev split, the 5-shot examples (285 items)",
+            "eval/mmlu_dev.jsonl",
+            "jsonl",
+            hub="cais/mmlu",
+            hub_config="all",
+            hub_split="dev",
+            sha256="0b841f7363db50b453f487870576f828e3b8bb106b6a721db67fa382e4a37ec8",
+            license="MIT",
+        ),
+        Dataset(
+            "gpt2-vocab",
+            "GPT-2 BPE ranks in tiktoken format (50,256 ranks + <|endoftext|>)",
+            "tokenizers/gpt2/r50k_base.tiktoken",
+            "tiktoken",
             url="https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
-            sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930", license="Modified MIT"),
-]}
-ALIASES = {"fineweb-edu-10bt": "fineweb-edu", "fineweb-10bt": "fineweb", "sms": "sms-spam",
-           "book-instructions": "instruction-data", "gpt2": "gpt2-vocab", "wikitext": "wikitext2"}
+            sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+            license="Modified MIT",
+        ),
+    ]
+}
+ALIASES = {
+    "fineweb-edu-10bt": "fineweb-edu",
+    "fineweb-10bt": "fineweb",
+    "sms": "sms-spam",
+    "book-instructions": "instruction-data",
+    "gpt2": "gpt2-vocab",
+    "wikitext": "wikitext2",
+}
 
 
 def get(name: str) -> Dataset:
@@ -109,8 +214,10 @@ def get(name: str) -> Dataset:
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-               for v in ("GPTFORGE_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("GPTFORGE_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def cache_dir() -> Path:
@@ -149,12 +256,19 @@ def resolve(name_or_path: str | Path, download: bool = True) -> Path:
 def _missing(entry: Dataset):
     where = os.environ.get("GPTFORGE_DATA_DIR")
     target = f"{where}/{entry.relpath}" if where else f"$GPTFORGE_DATA_DIR/{entry.relpath}"
-    origin = entry.url or (f"hub dataset {entry.hub}" + (f" (config {entry.hub_config})" if entry.hub_config else ""))
-    hint = (f"; or run `gptforge data prepare {entry.name}` online, which streams it from the hub"
-            if entry.streamable else "; or run online once to download it into the cache")
-    raise GptforgeError(f"dataset {entry.name!r} not found: place {Path(entry.relpath).name} (from {origin}) at "
-                        f"{target}{hint}" + (" (downloads are off: GPTFORGE_OFFLINE/HF_*_OFFLINE is set)"
-                                             if is_offline() else ""))
+    origin = entry.url or (
+        f"hub dataset {entry.hub}" + (f" (config {entry.hub_config})" if entry.hub_config else "")
+    )
+    hint = (
+        f"; or run `gptforge data prepare {entry.name}` online, which streams it from the hub"
+        if entry.streamable
+        else "; or run online once to download it into the cache"
+    )
+    raise GptforgeError(
+        f"dataset {entry.name!r} not found: place {Path(entry.relpath).name} (from {origin}) at "
+        f"{target}{hint}"
+        + (" (downloads are off: GPTFORGE_OFFLINE/HF_*_OFFLINE is set)" if is_offline() else "")
+    )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -181,8 +295,11 @@ def _download(entry: Dataset) -> Path:
             _download_url(entry.url, tmp.with_suffix(".zip"))
             import zipfile
 
-            with zipfile.ZipFile(tmp.with_suffix(".zip")) as z, z.open(Path(entry.relpath).name) as src, \
-                    open(tmp, "wb") as dst:
+            with (
+                zipfile.ZipFile(tmp.with_suffix(".zip")) as z,
+                z.open(Path(entry.relpath).name) as src,
+                open(tmp, "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst)
             tmp.with_suffix(".zip").unlink()
         else:
@@ -191,13 +308,17 @@ def _download(entry: Dataset) -> Path:
         raise
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise GptforgeError(f"downloading dataset {entry.name!r} failed ({type(e).__name__}: {e}); place "
-                            f"{Path(entry.relpath).name} at $GPTFORGE_DATA_DIR/{entry.relpath} instead") from None
+        raise GptforgeError(
+            f"downloading dataset {entry.name!r} failed ({type(e).__name__}: {e}); place "
+            f"{Path(entry.relpath).name} at $GPTFORGE_DATA_DIR/{entry.relpath} instead"
+        ) from None
     if not verify(entry, tmp):
         got = sha256_file(tmp)
         tmp.unlink()
-        raise GptforgeError(f"downloaded {entry.name!r} has sha256 {got}, expected {entry.sha256}; "
-                            "the source changed or the download is corrupt")
+        raise GptforgeError(
+            f"downloaded {entry.name!r} has sha256 {got}, expected {entry.sha256}; "
+            "the source changed or the download is corrupt"
+        )
     os.replace(tmp, target)
     return target
 
@@ -220,11 +341,12 @@ def _download_hub_as_jsonl(entry: Dataset, dest: Path) -> None:
     try:
         import datasets
     except ImportError:
-        raise GptforgeError(f"downloading {entry.name!r} needs `datasets`: pip install 'gptforge[data]'") from None
+        raise GptforgeError(
+            f"downloading {entry.name!r} needs `datasets`: pip install 'gptforge[data]'"
+        ) from None
     ds = datasets.load_dataset(entry.hub, name=entry.hub_config, split=entry.hub_split)
     with open(dest, "w", encoding="utf-8") as f:
-        for record in ds:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in ds)
 
 
 def table() -> list[dict]:
@@ -232,8 +354,17 @@ def table() -> list[dict]:
     rows = []
     for entry in DATASETS.values():
         local = find_local(entry)
-        rows.append({"name": entry.name, "description": entry.description, "format": entry.format,
-                     "local": str(local) if local else None,
-                     "source": entry.url or entry.hub, "hub": entry.hub, "relpath": entry.relpath,
-                     "sha256": entry.sha256, "license": entry.license})
+        rows.append(
+            {
+                "name": entry.name,
+                "description": entry.description,
+                "format": entry.format,
+                "local": str(local) if local else None,
+                "source": entry.url or entry.hub,
+                "hub": entry.hub,
+                "relpath": entry.relpath,
+                "sha256": entry.sha256,
+                "license": entry.license,
+            }
+        )
     return rows

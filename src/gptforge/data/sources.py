@@ -17,9 +17,9 @@ import glob as globlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from gptforge.errors import GptforgeError
 
@@ -57,7 +57,9 @@ class ReadStats:
 
     def skip(self, message: str, skip_bad: bool) -> None:
         if not skip_bad:
-            raise GptforgeError(f"{message}; fix or remove the record, or pass --skip-bad to skip such records")
+            raise GptforgeError(
+                f"{message}; fix or remove the record, or pass --skip-bad to skip such records"
+            )
         self.skipped += 1
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(message)
@@ -92,7 +94,7 @@ def decode_utf8(raw: bytes, stats: ReadStats) -> str:
 def safe_cut(text: str, limit: int) -> int:
     """The largest safe cut position in ``text[limit // 2 : limit]`` (``limit`` when there is none)."""
     lo = max(1, limit // 2)
-    window = text[lo:limit + 1]
+    window = text[lo : limit + 1]
     last = None
     for m in _SAFE_CUT.finditer(window):
         if m.start() + lo <= limit:
@@ -139,11 +141,17 @@ class Source:
         """Input bytes when known (local files), for progress and ETA."""
         return None if self.kind == "hub" else os.path.getsize(self.path)
 
-    def pieces(self, stats: ReadStats, piece_chars: int = DEFAULT_PIECE_CHARS, skip_bad: bool = False
-               ) -> Iterator[Piece]:
+    def pieces(
+        self, stats: ReadStats, piece_chars: int = DEFAULT_PIECE_CHARS, skip_bad: bool = False
+    ) -> Iterator[Piece]:
         piece_chars = max(MIN_PIECE_CHARS, piece_chars)
-        reader = {"txt": _txt_pieces, "jsonl": _jsonl_pieces, "json": _json_pieces,
-                  "parquet": _parquet_pieces, "hub": _hub_pieces}[self.kind]
+        reader = {
+            "txt": _txt_pieces,
+            "jsonl": _jsonl_pieces,
+            "json": _json_pieces,
+            "parquet": _parquet_pieces,
+            "hub": _hub_pieces,
+        }[self.kind]
         return reader(self, stats, piece_chars, skip_bad)
 
 
@@ -168,7 +176,13 @@ def _txt_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
         yield from _whole_file_pieces(src, stats, piece_chars)
         return
     sep = src.separator
-    pattern = _BLANK_LINE if sep == "blank" else re.compile(r"\r?\n") if sep == "line" else re.compile(re.escape(sep))
+    pattern = (
+        _BLANK_LINE
+        if sep == "blank"
+        else re.compile(r"\r?\n")
+        if sep == "line"
+        else re.compile(re.escape(sep))
+    )
     state = {"index": 0, "pending": 0, "open": False}
 
     def where() -> str:
@@ -234,12 +248,16 @@ def _whole_file_pieces(src: Source, stats: ReadStats, piece_chars: int) -> Itera
 
 def _record_text(record, src: Source, where: str, stats: ReadStats, skip_bad: bool) -> str | None:
     if not isinstance(record, dict):
-        stats.skip(f"{where}: expected a JSON object with field {src.field!r}, got {type(record).__name__}", skip_bad)
+        stats.skip(
+            f"{where}: expected a JSON object with field {src.field!r}, got {type(record).__name__}", skip_bad
+        )
         return None
     if src.field not in record:
         fields = ", ".join(list(record)[:10])
-        stats.skip(f"{where}: record has no field {src.field!r} (fields: {fields}); choose one with --field",
-                   skip_bad)
+        stats.skip(
+            f"{where}: record has no field {src.field!r} (fields: {fields}); choose one with --field",
+            skip_bad,
+        )
         return None
     text = record[src.field]
     if not isinstance(text, str):
@@ -279,7 +297,9 @@ def _json_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool
     except json.JSONDecodeError as e:
         raise GptforgeError(f"{src.path}:{e.lineno}: malformed JSON ({e.msg}); fix the file") from None
     if not isinstance(records, list):
-        raise GptforgeError(f"{src.path}: expected a JSON array of records (for one record per line use .jsonl)")
+        raise GptforgeError(
+            f"{src.path}: expected a JSON array of records (for one record per line use .jsonl)"
+        )
     per_record = len(raw) // max(1, len(records))
     any_text = False
     for i, record in enumerate(records):
@@ -304,8 +324,9 @@ def _parquet_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: b
         raise GptforgeError(f"cannot read parquet file {src.path}: {e}") from None
     columns = pf.schema_arrow.names
     if src.field not in columns:
-        raise GptforgeError(f"{src.path}: no column {src.field!r} (columns: {', '.join(columns)}); "
-                            "choose one with --column")
+        raise GptforgeError(
+            f"{src.path}: no column {src.field!r} (columns: {', '.join(columns)}); choose one with --column"
+        )
     rows = max(1, pf.metadata.num_rows)
     per_row = os.path.getsize(src.path) / rows
     row = 0
@@ -315,8 +336,10 @@ def _parquet_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: b
             where = f"{src.path} row {row}"
             row += 1
             if not isinstance(text, str):
-                stats.skip(f"{where}: column {src.field!r} is {'null' if text is None else type(text).__name__}",
-                           skip_bad)
+                stats.skip(
+                    f"{where}: column {src.field!r} is {'null' if text is None else type(text).__name__}",
+                    skip_bad,
+                )
                 continue
             if not text:
                 continue
@@ -331,12 +354,16 @@ def _hub_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
     try:
         import datasets
     except ImportError:
-        raise GptforgeError("hub datasets need the `datasets` package: pip install 'gptforge[data]'") from None
+        raise GptforgeError(
+            "hub datasets need the `datasets` package: pip install 'gptforge[data]'"
+        ) from None
     try:
         ds = datasets.load_dataset(src.path, name=src.hub_config, split=src.hub_split, streaming=True)
     except Exception as e:
-        raise GptforgeError(f"cannot open hub dataset {src.path!r} (config {src.hub_config}, split "
-                            f"{src.hub_split}): {e}. Offline? Download it as .parquet/.jsonl and pass the files") from None
+        raise GptforgeError(
+            f"cannot open hub dataset {src.path!r} (config {src.hub_config}, split "
+            f"{src.hub_split}): {e}. Offline? Download it as .parquet/.jsonl and pass the files"
+        ) from None
     for i, record in enumerate(ds):
         where = f"{src.path} record {i}"
         text = _record_text(record, src, where, stats, skip_bad)
@@ -362,8 +389,14 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def expand_sources(items: list[str], separator: str | None = None, field: str = "text", column: str | None = None,
-                   hub_config: str | None = None, hub_split: str = "train") -> list[Source]:
+def expand_sources(
+    items: list[str],
+    separator: str | None = None,
+    field: str = "text",
+    column: str | None = None,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+) -> list[Source]:
     """Turn paths, globs, registry names and hub ids into sources (globs sorted; order = document order).
 
     A registry name (``tinyshakespeare``, ``fineweb-edu``, ...) resolves to its local copy, or for hub
@@ -372,7 +405,9 @@ def expand_sources(items: list[str], separator: str | None = None, field: str = 
     local path) is a hub dataset streamed with ``datasets``.
     """
     if not items:
-        raise GptforgeError("no input given: pass text files (.txt/.jsonl/.json/.parquet), globs, or a dataset name")
+        raise GptforgeError(
+            "no input given: pass text files (.txt/.jsonl/.json/.parquet), globs, or a dataset name"
+        )
     sources: list[Source] = []
     for item in items:
         sources.extend(_expand_one(item, separator, field, column, hub_config, hub_split))
@@ -385,15 +420,20 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
     def file_source(path: str, sep=None, fld=None) -> Source:
         kind = _kind_of(path)
         if kind is None:
-            raise GptforgeError(f"{path}: unknown file type {Path(path).suffix!r} (use .txt, .jsonl, .json, .parquet)")
+            raise GptforgeError(
+                f"{path}: unknown file type {Path(path).suffix!r} (use .txt, .jsonl, .json, .parquet)"
+            )
         text_field = (column or field) if kind == "parquet" else field
         return Source(kind, path, separator=separator or sep or "file", field=fld or text_field)
 
     if item.startswith("hf:"):
         return [Source("hub", item[3:], field=column or field, hub_config=hub_config, hub_split=hub_split)]
     if os.path.isdir(item):
-        files = sorted(p for p in globlib.glob(os.path.join(item, "**", "*"), recursive=True)
-                       if os.path.isfile(p) and _kind_of(p) and Path(p).suffix)
+        files = sorted(
+            p
+            for p in globlib.glob(os.path.join(item, "**", "*"), recursive=True)
+            if os.path.isfile(p) and _kind_of(p) and Path(p).suffix
+        )
         if not files:
             raise GptforgeError(f"{item} is a directory without .txt/.jsonl/.json/.parquet files")
         return [file_source(p) for p in files]
@@ -410,17 +450,27 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
         if local is not None:
             return [file_source(str(local), sep=entry.separator, fld=entry.text_field)]
         if entry.hub and entry.streamable:
-            return [Source("hub", entry.hub, field=entry.text_field or "text", hub_config=entry.hub_config,
-                           hub_split=entry.hub_split)]
+            return [
+                Source(
+                    "hub",
+                    entry.hub,
+                    field=entry.text_field or "text",
+                    hub_config=entry.hub_config,
+                    hub_split=entry.hub_split,
+                )
+            ]
         return [file_source(str(registry.resolve(item)), sep=entry.separator, fld=entry.text_field)]
     if re.fullmatch(r"[\w.-]+/[\w.-]+", item) and not os.path.exists(item):
         return [Source("hub", item, field=column or field, hub_config=hub_config, hub_split=hub_split)]
-    raise GptforgeError(f"input not found: {item!r} is neither a file, a glob, a known dataset "
-                        f"({', '.join(registry.DATASETS)}) nor a hub id OWNER/NAME")
+    raise GptforgeError(
+        f"input not found: {item!r} is neither a file, a glob, a known dataset "
+        f"({', '.join(registry.DATASETS)}) nor a hub id OWNER/NAME"
+    )
 
 
-def iter_texts(sources: list[Source], stats: ReadStats, piece_chars: int = DEFAULT_PIECE_CHARS,
-               skip_bad: bool = False) -> Iterator[str]:
+def iter_texts(
+    sources: list[Source], stats: ReadStats, piece_chars: int = DEFAULT_PIECE_CHARS, skip_bad: bool = False
+) -> Iterator[str]:
     """The pieces' texts of all sources in order (for tokenizer training)."""
     for src in sources:
         for piece in src.pieces(stats, piece_chars, skip_bad):
