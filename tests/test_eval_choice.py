@@ -102,6 +102,20 @@ def test_scores_do_not_depend_on_batching(tiny_model, tok, data_dir):
         assert a["pred"] == b["pred"]
 
 
+@pytest.mark.parametrize("task", ["hellaswag", "mmlu"])
+def test_shared_context_cache_gives_the_same_scores(tiny_model, tok, data_dir, task):
+    """Scoring each context once and continuing from its KV cache changes nothing but the speed."""
+    if task == "hellaswag":
+        items = load_hellaswag(data_dir / "eval" / "hellaswag_val.jsonl", limit=5)
+    else:
+        items = load_mmlu(data_dir / "eval" / "mmlu_test.jsonl", subjects=["anatomy", "virology"], limit=2)
+    requests = [encode_pair(tok, i.context, " " + c) for i in items for c in i.choices]
+    shared = score_requests(tiny_model, requests, batch_size=7, share_context=True)
+    alone = score_requests(tiny_model, requests, batch_size=7, share_context=False)
+    assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in alone], abs=1e-4)
+    assert [s.is_greedy for s in shared] == [s.is_greedy for s in alone]
+
+
 def test_long_requests_are_truncated_from_the_left(tiny_model):
     ctx = list(range(1, 400))
     [long] = score_requests(tiny_model, [Request(ctx, [5, 6])])
@@ -125,7 +139,7 @@ def test_loglikelihoods_match_transformers_reference(tiny_model, tok, data_dir, 
     export_model(tiny_model, tok, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    items = load_hellaswag(data_dir / "eval" / "hellaswag_val.jsonl", limit=12)
+    items = load_hellaswag(data_dir / "eval" / "hellaswag_val.jsonl", limit=8)
     ours = evaluate_choice(tiny_model, tok, "hellaswag", items=items, batch_size=8, show_progress=False)
 
     correct = 0
@@ -141,7 +155,7 @@ def test_loglikelihoods_match_transformers_reference(tiny_model, tok, data_dir, 
         assert pred["loglikelihoods"] == pytest.approx(ref, abs=1e-4)
         correct += int(max(range(len(ref)), key=lambda i: ref[i]) == item.gold)
     assert ours["metrics"]["acc"] == pytest.approx(correct / len(items))
-    assert ours["metrics"]["n"] == 12
+    assert ours["metrics"]["n"] == 8
 
 
 def test_mmlu_result_has_subjects_macro_and_micro(tiny_model, tok, data_dir):
@@ -163,3 +177,26 @@ def test_hellaswag_hook_is_deterministic_and_restores_mode(tiny_model, tok, data
     b = hellaswag_hook(tiny_model, tok, items)
     tiny_model.eval()
     assert a == b and a["hellaswag_n"] == 4 and 0.0 <= a["hellaswag_acc"] <= 1.0
+
+
+def test_cli_choice_on_custom_jsonl_writes_per_item_results(tiny_model, tok, tmp_path, capsys):
+    from gptforge.checkpoint import save_model
+    from gptforge.cli import main
+
+    save_model(tmp_path / "ckpt", tiny_model, tok)
+    rows = [{"question": "The capital of France is", "options": ["Paris", "a banana"], "answer": "Paris"},
+            {"question": "Two plus two equals", "options": ["four", "seven", "blue"], "answer": 0}]
+    data = tmp_path / "quiz.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "quiz_results.json"
+    rc = main(["eval", "choice", "--checkpoint", str(tmp_path / "ckpt"), "--task", "jsonl", "--data", str(data),
+               "--field", "context=question", "--field", "choices=options", "--field", "gold=answer",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["metrics"]["n"] == 2 and [p["gold"] for p in res["predictions"]] == [0, 0]
+    assert [len(p["loglikelihoods"]) for p in res["predictions"]] == [2, 3]
+    assert "jsonl: n=2" in capsys.readouterr().out
+    rc = main(["eval", "choice", "--checkpoint", str(tmp_path / "ckpt"), "--task", "jsonl", "--data", str(data),
+               "--field", "question=question"])
+    assert rc == 2

@@ -3,8 +3,9 @@
 Semantics follow lm-evaluation-harness' Hugging Face backend, so our numbers and lm-eval's agree:
 context and continuation are encoded together and split at the context's token length (a trailing space of
 the context moves onto the continuation), an empty context becomes the end-of-text token, and sequences longer
-than the model's context are cut from the left. Requests are sorted by length and batched with right padding,
-which a causal model never attends to, so no attention mask is needed and the fast attention path is kept.
+than the model's context are cut from the left. Requests are sorted by length (so batches need little padding)
+and left-padded, which puts every continuation at the end of its row: the model computes logits for those
+last positions only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from gptforge.tokenizer import Tokenizer
 
 # Cap on the logits tensor of one batch (elements); keeps memory bounded for 50k vocabularies and long prompts.
 MAX_LOGITS_PER_BATCH = 2**27
+# Cap on the tokens of one forward pass (bounds activation memory).
+MAX_TOKENS_PER_BATCH = 2**15
 
 
 @dataclass
@@ -56,65 +59,164 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_requests(model, requests: list[Request], batch_size: int = 32, progress=None) -> list[Score]:
+def score_requests(model, requests: list[Request], batch_size: int = 32, progress=None,
+                   share_context: bool = True) -> list[Score]:
     """Score every request; results come back in the order of ``requests``.
 
-    ``progress`` (optional) is called with the number of requests finished after each batch.
+    With ``share_context``, requests with the same context (the choices of one question) run the context once
+    and continue from its KV cache, which saves most of the work for multiple-choice tasks; the numbers are the
+    same as scoring each request on its own. ``progress`` (optional) is called with the number of requests
+    finished after each batch.
     """
     from gptforge.checkpoint import unwrap
 
     bare = unwrap(model)
     block = bare.config.block_size
-    vocab = bare.config.vocab_size
-    device = model_device(bare)
     was_training = bare.training
     bare.eval()
-
-    # (input ids, number of continuation tokens) per request, truncated from the left like lm-eval.
-    prepared = []
-    for r in requests:
-        if not r.continuation:
-            prepared.append(([], 0))
-            continue
-        whole = (r.context + r.continuation)[-(block + 1):]
-        prepared.append((whole[:-1], len(r.continuation)))
-    order = sorted(range(len(requests)), key=lambda i: -len(prepared[i][0]))
     results: list[Score | None] = [None] * len(requests)
-
-    start = 0
-    while start < len(order):
-        longest = max(1, len(prepared[order[start]][0]))
-        rows = max(1, min(batch_size, MAX_LOGITS_PER_BATCH // (longest * vocab)))
-        chunk = order[start : start + rows]
-        start += len(chunk)
-        todo = [i for i in chunk if prepared[i][1] > 0]
-        for i in chunk:
-            if prepared[i][1] == 0:
-                results[i] = Score(0.0, True, 0)
-        if todo:
-            _score_batch(bare, [prepared[i] for i in todo], [requests[i].continuation for i in todo],
-                         device, results, todo)
-        if progress is not None:
-            progress(len(chunk))
-    if was_training:
-        bare.train()
+    plain: list[int] = []
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        if not r.context:
+            raise ValueError(f"request {i} has an empty context; condition on the end-of-text token instead")
+        if not r.continuation:
+            results[i] = Score(0.0, True, 0)
+        elif share_context and r.context and len(r.context) + len(r.continuation) - 1 <= block:
+            groups.setdefault(tuple(r.context), []).append(i)
+        else:
+            plain.append(i)
+    for ctx in [c for c, idxs in groups.items() if len(idxs) == 1]:
+        plain.extend(groups.pop(ctx))
+    if progress is not None and len(requests) - len(plain) - sum(map(len, groups.values())):
+        progress(len(requests) - len(plain) - sum(map(len, groups.values())))
+    try:
+        _score_shared(bare, requests, list(groups.items()), batch_size, results, progress)
+        _score_plain(bare, requests, plain, batch_size, results, progress)
+    finally:
+        if was_training:
+            bare.train()
     return results  # type: ignore[return-value]
 
 
+def _score_plain(model, requests, indices, batch_size, results, progress) -> None:
+    """Each request as its own row: (context + continuation) cut to the context window from the left."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    device = model_device(model)
+    prepared = {}
+    for i in indices:
+        r = requests[i]
+        whole = (r.context + r.continuation)[-(block + 1):]
+        prepared[i] = (whole[:-1], len(r.continuation))
+    order = sorted(indices, key=lambda i: -len(prepared[i][0]))
+    start = 0
+    while start < len(order):
+        longest = len(prepared[order[start]][0])
+        rows = max(1, min(batch_size, MAX_TOKENS_PER_BATCH // longest))
+        chunk = order[start : start + rows]
+        while len(chunk) > 1 and len(chunk) * max(prepared[i][1] for i in chunk) * vocab > MAX_LOGITS_PER_BATCH:
+            chunk = chunk[: len(chunk) // 2]
+        start += len(chunk)
+        _score_batch(model, [prepared[i] for i in chunk], [requests[i].continuation for i in chunk], device,
+                     results, chunk)
+        if progress is not None:
+            progress(len(chunk))
+
+
 def _score_batch(model, prepared, continuations, device, results, indices) -> None:
+    # Left padding puts every continuation at the end of its row, so only the last max(n_cont) positions
+    # need logits (the LM head over a 50k vocabulary dominates a small model's cost).
     width = max(len(ids) for ids, _ in prepared)
     batch = torch.zeros((len(prepared), width), dtype=torch.long)
+    mask = torch.zeros((len(prepared), width), dtype=torch.long)
     for row, (ids, _) in enumerate(prepared):
-        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    logits, _ = model(batch.to(device))
+        batch[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    keep = max(n for _, n in prepared)
+    ragged = any(len(ids) != width for ids, _ in prepared)
+    logits, _ = model(batch.to(device), attention_mask=mask.to(device) if ragged else None, logits_to_keep=keep)
+    logprobs, argmax = _normalise(logits)
     for row, ((ids, n_cont), cont) in enumerate(zip(prepared, continuations)):
-        # The last n_cont inputs predict the continuation tokens.
-        span = logits[row, len(ids) - n_cont : len(ids)].float()
-        logprobs = F.log_softmax(span, dim=-1)
-        target = torch.tensor(cont[-n_cont:], dtype=torch.long, device=span.device)
-        token_lp = logprobs.gather(1, target[:, None]).squeeze(1)
-        greedy = bool((span.argmax(dim=-1) == target).all())
-        results[indices[row]] = Score(float(token_lp.double().sum()), greedy, n_cont)
+        _record([(logprobs[row, keep - n_cont:], argmax[row, keep - n_cont:])], cont, results, indices[row])
+
+
+def _normalise(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and the greedy token of a whole batch of logits, in one vectorised pass each."""
+    logits = logits.float()
+    return F.log_softmax(logits, dim=-1), logits.argmax(dim=-1)
+
+
+def _record(pieces: list[tuple[torch.Tensor, torch.Tensor]], continuation: list[int], results, index: int) -> None:
+    """Store the score of ``continuation``; ``pieces`` hold, in order, (log-probs, greedy ids) of its tokens."""
+    logprob, greedy, k = 0.0, True, 0
+    for logprobs, argmax in pieces:
+        target = torch.tensor(continuation[k : k + logprobs.shape[0]], dtype=torch.long, device=logprobs.device)
+        k += logprobs.shape[0]
+        logprob += float(logprobs.gather(1, target[:, None]).double().sum())
+        greedy = greedy and bool((argmax == target).all())
+    results[index] = Score(logprob, greedy, len(continuation))
+
+
+def _score_shared(model, requests, groups, batch_size, results, progress) -> None:
+    """Requests grouped by context: contexts once (left-padded, KV cached), then every continuation."""
+    block = model.config.block_size
+    groups = sorted(groups, key=lambda g: -len(g[0]))
+    start = 0
+    while start < len(groups):
+        longest = len(groups[start][0])
+        batch, rows, cont_max = [], 0, 0
+        for ctx, idxs in groups[start:]:
+            c = max(len(requests[i].continuation) for i in idxs) - 1
+            fits = longest + max(cont_max, c) <= block and (rows + len(idxs)) * (longest + c) <= MAX_TOKENS_PER_BATCH
+            if batch and (rows + len(idxs) > batch_size or not fits):
+                break
+            batch.append((ctx, idxs))
+            rows += len(idxs)
+            cont_max = max(cont_max, c)
+        start += len(batch)
+        _score_group_batch(model, requests, batch, cont_max, results)
+        if progress is not None:
+            progress(rows)
+
+
+def _score_group_batch(model, requests, batch, cont_max, results) -> None:
+    from gptforge.model import KVCache
+
+    device = model_device(model)
+    width = max(len(ctx) for ctx, _ in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for g, (ctx, _) in enumerate(batch):
+        ids[g, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
+        mask[g, width - len(ctx):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    ragged = any(len(ctx) != width for ctx, _ in batch)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, len(batch), width + cont_max, device, dtype) if cont_max > 0 else None
+    last, _ = model(ids, attention_mask=mask if ragged else None, kv_cache=cache, logits_to_keep=1)
+    row_group = [g for g, (_, idxs) in enumerate(batch) for _ in idxs]
+    row_request = [i for _, idxs in batch for i in idxs]
+    logits = None
+    if cont_max > 0:
+        # Every continuation but its last token is fed after its own copy of the context's cache.
+        index = torch.tensor(row_group, device=device)
+        cache.reorder(index)
+        cont = torch.zeros((len(row_request), cont_max), dtype=torch.long)
+        cont_mask = torch.zeros((len(row_request), cont_max), dtype=torch.long)
+        for r, i in enumerate(row_request):
+            tokens = requests[i].continuation[:-1]
+            cont[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            cont_mask[r, : len(tokens)] = 1
+        full_mask = torch.cat([mask[index], cont_mask.to(device)], dim=1)
+        logits, _ = model(cont.to(device), attention_mask=full_mask, kv_cache=cache)
+    first_lp, first_max = _normalise(last[:, -1:])
+    rest_lp, rest_max = _normalise(logits) if logits is not None else (None, None)
+    for r, (g, i) in enumerate(zip(row_group, row_request)):
+        continuation = requests[i].continuation
+        pieces = [(first_lp[g], first_max[g])]
+        if len(continuation) > 1:
+            pieces.append((rest_lp[r, : len(continuation) - 1], rest_max[r, : len(continuation) - 1]))
+        _record(pieces, continuation, results, i)
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[Request]:
