@@ -197,6 +197,15 @@ def test_bf16_autocast_and_fp16_grad_scaler_run_on_cpu(shakespeare_shards, tmp_p
         assert r.summary["precision"] == precision and math.isfinite(r.final_loss)
 
 
+def test_micro_batch_auto_on_cpu_picks_a_divisor_of_the_batch(shakespeare_shards, tmp_path):
+    cfg = small_config(shakespeare_shards, tmp_path, steps=1, micro_batch="auto", global_batch_seqs=12)
+    logged = []
+    r = run_pretrain(cfg, log=logged.append)
+    assert any("micro-batch auto" in line for line in logged)
+    state = json.loads((r.checkpoint / "state.json").read_text())
+    assert 12 % state["plan"]["micro_batch"] == 0 and state["plan"]["global_batch"] == 12
+
+
 def test_existing_run_is_not_silently_overwritten(shakespeare_shards, tmp_path):
     run_pretrain(small_config(shakespeare_shards, tmp_path, steps=1))
     with pytest.raises(GptforgeError, match="--resume"):

@@ -188,8 +188,16 @@ def resolve_tokenizer(cfg: PretrainConfig):
     elif isinstance(tok, dict):
         for key in ("path", "dir", "name", "spec"):
             cand = tok.get(key)
-            if cand and (key == "name" and cand in ("gpt2", "gpt2-chat") or Path(str(cand)).exists()):
+            if not cand:
+                continue
+            if key == "name" and cand in ("gpt2", "gpt2-chat"):
                 spec = cand
+                break
+            for path in (data / str(cand), Path(str(cand))):  # relative to the data directory first
+                if key != "name" and path.exists():
+                    spec = path
+                    break
+            if spec is not None:
                 break
     if spec is None:
         raise GptforgeError(f"cannot tell which tokenizer made the shards in {data}: set data.tokenizer "
@@ -825,6 +833,8 @@ def _train(cfg: PretrainConfig, info, say, stop: _StopFlag) -> PretrainResult:
                   "dt": dt, "tokens_per_s": tok_s, "skipped": skipped}
         if mfu is not None:
             record["mfu"] = mfu
+        if device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
         done = state["step"] == end_step
         stop_now = D.any_rank(stop.signal is not None, info)
@@ -860,7 +870,7 @@ def _train(cfg: PretrainConfig, info, say, stop: _StopFlag) -> PretrainResult:
     elapsed = max(1e-9, state["elapsed"])
     tok_s = state["tokens"] / elapsed
     summary = {"run_dir": str(run_dir), "steps": state["step"], "tokens": state["tokens"], "seconds": elapsed,
-               "tokens_per_s": tok_s, "mfu": plan.flops_per_token * tok_s / peak if peak else None,
+               "tokens_per_s": tok_s, "tokens_per_second": tok_s, "mfu": plan.flops_per_token * tok_s / peak if peak else None,
                "mfu_peak_source": peak_source, "peak_memory": _peak_memory(device), "final_loss": last_loss,
                "final_val_loss": last_val, "best_val_loss": state["best_val_loss"],
                "skipped_steps": state["nonfinite_steps"] + state["scaler_skips"] - _both(state),
