@@ -191,7 +191,8 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(GptforgeError, match="no document fell into the validation split.*--text-sep blank"):
         prepare(
             PrepareConfig(
-                [str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), workers=1, progress=False
+                [str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), separator="file", workers=1,
+                progress=False,
             )
         )
     bad = tmp_path / "bad.jsonl"

@@ -114,6 +114,14 @@ def test_expand_sources_globs_directories_names_and_hub_ids(data_dir):
         expand_sources(["no-such-dataset"])
 
 
+def test_separator_auto_detection(data_dir, tmp_path):
+    srcs = expand_sources([str(data_dir / f"pretrain/{n}") for n in ("tinystories-5.txt", "tinyshakespeare.txt")])
+    assert [s.separator for s in srcs] == ["<|endoftext|>", "blank"]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one line\nanother line\n")
+    assert expand_sources([str(lines)])[0].separator == "file"
+
+
 def test_iter_texts_streams_all_sources_in_order(data_dir):
     srcs = expand_sources(
         [str(data_dir / "pretrain/the-verdict.txt"), str(data_dir / "pretrain/tinystories-5.txt")],

@@ -10,10 +10,12 @@ from gptforge.commands import add_parser
 def _add_source_options(p) -> None:
     p.add_argument(
         "--text-sep",
+        "--separator",
         dest="separator",
         default=None,
-        help="how .txt files split into documents: file (whole file), blank (blank lines), line, "
-        "or a literal such as '<|endoftext|>' (default: file; a named dataset's own rule)",
+        help="how .txt files split into documents: file (whole file), blank (blank lines), line, or a literal "
+        "such as '<|endoftext|>'; default auto: <|endoftext|> if the file has it, else blank lines if any, "
+        "else the whole file (a named dataset uses its own rule)",
     )
     p.add_argument("--field", default="text", help="text field of .jsonl/.json records and hub datasets")
     p.add_argument("--column", default=None, help="text column of .parquet files (default: --field)")

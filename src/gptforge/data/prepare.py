@@ -45,9 +45,8 @@ class PrepareConfig:
     shard_tokens: int = 100_000_000
     max_tokens: int | None = None
     workers: int = 0  # 0: all cores
-    separator: str | None = (
-        None  # .txt documents: file | blank | line | a literal; None: file (or the registry's)
-    )
+    # .txt documents: file | blank | line | a literal; None: auto-detect (sources.detect_separator)
+    separator: str | None = None
     field: str = "text"  # .jsonl/.json field
     column: str | None = None  # .parquet column (default: field)
     hub_config: str | None = None

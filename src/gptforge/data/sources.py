@@ -389,6 +389,16 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
+def detect_separator(path: str | Path) -> str:
+    """The document separator of a .txt file judged from its first MiB: ``<|endoftext|>`` when it occurs,
+    else ``blank`` when there are blank lines, else ``file`` (the whole file is one document)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20).decode("utf-8", errors="replace")
+    if "<|endoftext|>" in head:
+        return "<|endoftext|>"
+    return "blank" if _BLANK_LINE.search(head) else "file"
+
+
 def expand_sources(
     items: list[str],
     separator: str | None = None,
@@ -400,8 +410,8 @@ def expand_sources(
     """Turn paths, globs, registry names and hub ids into sources (globs sorted; order = document order).
 
     A registry name (``tinyshakespeare``, ``fineweb-edu``, ...) resolves to its local copy, or for hub
-    datasets to the hub when no local copy exists; ``separator=None`` means whole files, or the registry
-    entry's separator for named datasets. ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
+    datasets to the hub when no local copy exists; ``separator=None`` (or ``"auto"``) means the registry
+    entry's separator for named datasets, else ``detect_separator`` for each .txt file. ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
     local path) is a hub dataset streamed with ``datasets``.
     """
     if not items:
@@ -424,7 +434,10 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
                 f"{path}: unknown file type {Path(path).suffix!r} (use .txt, .jsonl, .json, .parquet)"
             )
         text_field = (column or field) if kind == "parquet" else field
-        return Source(kind, path, separator=separator or sep or "file", field=fld or text_field)
+        chosen = separator if separator not in (None, "auto") else sep
+        if kind == "txt" and chosen in (None, "auto"):
+            chosen = detect_separator(path)
+        return Source(kind, path, separator=chosen or "file", field=fld or text_field)
 
     if item.startswith("hf:"):
         return [Source("hub", item[3:], field=column or field, hub_config=hub_config, hub_split=hub_split)]
