@@ -32,6 +32,7 @@ def tiny_base(data_dir, tmp_path_factory):
     """A small byte-level BPE (1,024 tokens) and a 2-layer GPT briefly pretrained on TinyStories."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     stories = (data_dir / "pretrain" / "tinystories-sample.txt").read_text(encoding="utf-8")
     records = json.loads((data_dir / "instruct" / "instruction-data.json").read_text(encoding="utf-8"))
@@ -57,6 +58,7 @@ def tiny_base(data_dir, tmp_path_factory):
         loss.backward()
         optimizer.step()
     assert loss.item() < 6.0  # well below ln(1024) = 6.93: it learned something
+    torch.set_num_threads(threads)
     directory = tmp_path_factory.mktemp("base") / "tiny"
     save_model(directory, model, tokenizer)
     return directory
