@@ -131,8 +131,13 @@ def process_logits(logits: torch.Tensor, s: RowSettings, seen: torch.Tensor | No
         logits = logits / s.temperature
     if s.any_top_k:
         logits = apply_top_k(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.top_k), s.top_k))
-    if s.any_top_p:
-        logits = apply_top_p(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.top_p), s.top_p))
+    if s.any_top_p:  # only the rows that use it: ranking the vocabulary is the costliest step
+        one_minus = torch.where(s.greedy[:, None], torch.zeros_like(s.top_p), s.top_p)
+        rows = torch.nonzero(one_minus[:, 0] > 0).flatten()
+        if len(rows) == len(logits):
+            logits = apply_top_p(logits, one_minus)
+        else:
+            logits = logits.index_copy(0, rows, apply_top_p(logits[rows], one_minus[rows]))
     if s.any_min_p:
         logits = apply_min_p(logits, torch.where(s.greedy[:, None], torch.zeros_like(s.min_p), s.min_p))
     return logits
