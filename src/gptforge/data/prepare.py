@@ -89,8 +89,23 @@ def encoder_payload(tokenizer) -> tuple:
     raise GptforgeError(f"cannot prepare data with a tokenizer of kind {tokenizer.kind!r}")
 
 
-def _init_worker(payload: tuple, dtype: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Workers blocked on the task queue never notice a killed parent; this thread ends them."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_worker(payload: tuple, dtype: str, parent: int | None = None) -> None:
     global _ENCODER
+    if parent is not None:
+        _exit_with_parent(parent)
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if payload[0] == "tiktoken":
@@ -630,7 +645,10 @@ def _worker_pool(workers: int, payload: tuple, dtype: np.dtype):
 
     method = os.environ.get("GPTFORGE_MP_START") or ("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(
-        workers, mp_context=mp.get_context(method), initializer=_init_worker, initargs=(payload, dtype.str)
+        workers,
+        mp_context=mp.get_context(method),
+        initializer=_init_worker,
+        initargs=(payload, dtype.str, os.getpid()),
     )
     pool.submit(int).result()  # launch the workers now
     return pool
