@@ -41,3 +41,24 @@ def test_torchrun_two_processes_match_one_process(shakespeare_shards, tmp_path):
     wb = load_file(str(tmp_path / "ddp" / "ckpt" / "step_0000004" / "model.safetensors"))
     assert wa.keys() == wb.keys()  # no "module." prefix from DDP
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_one_process_and_saves_full_weights(shakespeare_shards, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cfg = small_config(shakespeare_shards, tmp_path, "single", steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    single = subprocess.run([sys.executable, "-m", "gptforge", "pretrain", *cli_args(cfg)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    fsdp = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29534", "-m", "gptforge", "pretrain",
+                           *cli_args(cfg), "--name=fsdp", "--train.distributed=fsdp"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stdout[-3000:] + fsdp.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    from gptforge.checkpoint import load_model
+
+    model, _, _ = load_model(tmp_path / "fsdp")  # gathered, unsharded, loadable in one process
+    wa = load_file(str(tmp_path / "single" / "ckpt" / "step_0000003" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "fsdp" / "ckpt" / "step_0000003" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
