@@ -129,3 +129,21 @@ def test_iter_texts_streams_all_sources_in_order(data_dir):
     )
     texts = list(iter_texts(srcs, ReadStats()))
     assert len(texts) == 6 and texts[0].startswith("I HAD always thought Jack Gisburn")
+
+
+def test_hub_dataset_records_stream_through_datasets(monkeypatch, data_dir):
+    """The hub path without the network: ``datasets.load_dataset`` replaced by local HellaSwag records."""
+    import datasets
+
+    records = [json.loads(line) for line in (data_dir / "eval/hellaswag_val.jsonl").open(encoding="utf-8")][:20]
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter(records)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    src = expand_sources(["hf:Rowan/hellaswag"], field="ctx", hub_split="validation")[0]
+    docs, stats = _docs(src)
+    assert calls == [("Rowan/hellaswag", None, "validation", True)]
+    assert docs == [r["ctx"] for r in records] and stats.documents == 20
