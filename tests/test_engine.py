@@ -306,3 +306,13 @@ def test_sampling_from_a_model_in_training_keeps_its_mode_and_dtype(data_dir):
     eng = Engine(model, tok)
     assert eng.generate(["Hi"], greedy(3))[0].token_ids
     assert model.training and eng.dtype == torch.float32 and eng.model is model
+
+
+def test_on_finish_reports_each_row_as_soon_as_it_is_done(engine):
+    events = []
+    out = engine.generate(PROMPTS[:2], [greedy(3), greedy(9)],
+                          on_token=lambda i, t, d: events.append(("token", i)),
+                          on_finish=lambda i, c: events.append(("finish", i, len(c.token_ids))))
+    finish_0 = events.index(("finish", 0, 3))
+    assert events[finish_0 - 1] == ("token", 0) and ("token", 1) in events[finish_0 + 1 :]
+    assert events[-1] == ("finish", 1, 9) and [len(c.token_ids) for c in out] == [3, 9]

@@ -73,6 +73,7 @@ class Completion:
 
 
 OnToken = Callable[[int, int, str], "bool | None"]
+OnFinish = Callable[[int, "Completion"], None]
 
 
 class _Row:
@@ -169,12 +170,13 @@ class Engine:
     # ---- public API ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 on_token: OnToken | None = None) -> list[Completion]:
+                 on_token: OnToken | None = None, on_finish: OnFinish | None = None) -> list[Completion]:
         """Continue every prompt; returns one :class:`Completion` per prompt, in order.
 
         ``params`` is one setting for all prompts (with ``seed`` s, row i is seeded s + i so identical prompts
         give different, reproducible samples) or a list with one per prompt (seeds used as given).
         ``on_token(index, token_id, text_delta)`` is called for every new token; returning False stops that row.
+        ``on_finish(index, completion)`` is called as soon as a row is done (the server answers early finishers).
         """
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             raise GptforgeError("generate() takes a list of prompts; wrap a single prompt in a list")
@@ -198,7 +200,7 @@ class Engine:
             self.model.eval()
             try:
                 for group in self._plan_batches(rows):
-                    self._decode(group, on_token)
+                    self._decode(group, on_token, on_finish)
             finally:
                 self.model.train(was_training)
         return [self._completion(r) for r in rows]
@@ -271,7 +273,7 @@ class Engine:
                 longest, budget = len(row.prompt), row.limit
         return groups
 
-    def _decode(self, rows: list[_Row], on_token: OnToken | None) -> None:
+    def _decode(self, rows: list[_Row], on_token: OnToken | None, on_finish: OnFinish | None = None) -> None:
         device, model = self.device, self.model
         B = len(rows)
         P = max(len(r.prompt) for r in rows)
@@ -315,6 +317,8 @@ class Engine:
                 self._advance(row, token, track_text, on_token)
                 if row.finish is None:
                     keep.append(j)
+                elif on_finish is not None:
+                    on_finish(row.index, self._completion(row))
             if not keep or step == steps - 1:
                 break
             if seen is not None:

@@ -8,7 +8,6 @@ Requests with different sampling settings share a batch (settings are per row). 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,6 +109,7 @@ class Scheduler:
             if not jobs:
                 continue
             owners = [(job, k) for job in jobs for k in range(len(job.prompts))]
+            results: dict[int, list] = {id(job): [None] * len(job.prompts) for job in jobs}
 
             def on_token(row: int, _token: int, delta: str) -> bool:
                 job, choice = owners[row]
@@ -117,17 +117,21 @@ class Scheduler:
                     job.emit("delta", choice, delta)
                 return not job.should_stop()
 
+            def on_finish(row: int, completion: Completion) -> None:
+                job, choice = owners[row]
+                mine = results[id(job)]
+                mine[choice] = completion
+                if all(c is not None for c in mine):  # answer this request now, not when the batch ends
+                    job.emit("done", mine)
+                    self.release(job)
+
             try:
-                completions = self.engine.generate([p for job in jobs for p in job.prompts],
-                                                   [p for job in jobs for p in job.params], on_token=on_token)
+                self.engine.generate([p for job in jobs for p in job.prompts],
+                                     [p for job in jobs for p in job.params], on_token=on_token, on_finish=on_finish)
             except Exception as e:  # a bug or an engine-side user error: fail these requests, keep serving
                 for job in jobs:
-                    job.emit("error", f"{type(e).__name__}: {e}")
-                    self.release(job)
+                    if not job.released:
+                        job.emit("error", f"{type(e).__name__}: {e}")
+                        self.release(job)
                 continue
             self.batches += 1
-            it = iter(completions)
-            for job in jobs:
-                mine: list[Completion] = list(itertools.islice(it, len(job.prompts)))
-                job.emit("done", mine)
-                self.release(job)
