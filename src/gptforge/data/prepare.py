@@ -392,6 +392,8 @@ class _Run:
         self.docs = DocStats()
         self.read = ReadStats()
         self.per_source_docs: list[int] = []
+        # Per finished source: pieces read up to its end and its read counters (lets a resume skip it unread).
+        self.source_ends: list[dict] = []
         self.pieces_done = 0
         self.bytes_done = 0
         self.generation = 0
@@ -425,6 +427,7 @@ class _Run:
         self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]
         self.generation = state["generation"]
         self.current_is_val = state["current_is_val"]
+        self.source_ends = list(state.get("source_ends", []))
         self.elapsed_before = state.get("elapsed_s", 0.0)
 
     def _checkpoint(self) -> None:
@@ -441,6 +444,7 @@ class _Run:
             "bytes_done": self.bytes_done,
             "docs": self.docs.state(),
             "current_is_val": self.current_is_val,
+            "source_ends": [e for e in self.source_ends if e["pieces_end"] <= self.pieces_done],
             "shards": {s: w.shards for s, w in self.writers.items()},
             "elapsed_s": self.elapsed_before + time.time() - self.start_time,
         }
@@ -457,8 +461,18 @@ class _Run:
         The main process only reads and cuts; hashing for the split and tokenizing happen in the workers."""
         texts, firsts, nbytes, chars = [], [], 0, 0
         index = 0
-        for src in self.sources:
-            before = self.read.documents
+        for i, src in enumerate(self.sources):
+            if i < len(self.source_ends):  # finished before the checkpoint we resume from: skip unread
+                end = self.source_ends[i]
+                index = end["pieces_end"]
+                self.per_source_docs.append(end["documents"])
+                self.read.documents += end["documents"]
+                self.read.bad_utf8 += end["bad_utf8"]
+                self.read.skipped += end["skipped"]
+                if end["empty"]:
+                    self.read.empty_files.append(src.path)
+                continue
+            before = (self.read.documents, self.read.bad_utf8, self.read.skipped, len(self.read.empty_files))
             for piece in src.pieces(self.read, self.piece_chars, self.cfg.skip_bad):
                 index += 1
                 if index <= self.pieces_done:
@@ -470,7 +484,16 @@ class _Run:
                 firsts.append(piece.first)
                 nbytes += piece.nbytes
                 chars += len(piece.text)
-            self.per_source_docs.append(self.read.documents - before)
+            self.per_source_docs.append(self.read.documents - before[0])
+            self.source_ends.append(
+                {
+                    "pieces_end": index,
+                    "documents": self.read.documents - before[0],
+                    "bad_utf8": self.read.bad_utf8 - before[1],
+                    "skipped": self.read.skipped - before[2],
+                    "empty": len(self.read.empty_files) > before[3],
+                }
+            )
         if texts:
             yield texts, np.array(firsts), nbytes
 
