@@ -286,3 +286,20 @@ def test_official_openai_client_works(live):
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_client_giving_up_on_a_queued_request_frees_its_slot(engine):
+    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, max_pending=1)))
+    api = server.app.state.api
+    try:
+        with engine.lock:  # the request waits in the queue
+            with httpx.Client(base_url=server.url, timeout=0.5) as c, pytest.raises(httpx.TimeoutException):
+                c.post("/v1/chat/completions", json=chat_body(max_tokens=60))
+            deadline = time.time() + 10
+            while api.scheduler.pending and time.time() < deadline:
+                time.sleep(0.05)
+            assert api.scheduler.pending == 0  # freed before the engine ever got to it
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.post("/v1/chat/completions", json=chat_body()).status_code == 200
+    finally:
+        server.close()
