@@ -115,6 +115,45 @@ def test_small_buffer_bounds_text_in_flight_and_changes_nothing(corpus, tmp_path
     assert _shard_bytes(small) == _shard_bytes(ref)
 
 
+def test_peak_memory_does_not_grow_with_the_corpus(data_dir, tmp_path):
+    """Python-side peak allocations (numpy included) for 1× and 4× the corpus with a 0.25 MB buffer."""
+    import shutil
+    import tracemalloc
+
+    gpt2 = load_tokenizer("gpt2")
+    names = ["tinyshakespeare.txt", "wikitext2-raw-test.txt"]
+
+    runs = []
+
+    def peak(copies: int) -> int:
+        runs.append(copies)
+        files = []
+        for r in range(copies):
+            for n in names:
+                files.append(tmp_path / f"{copies}_{r}_{n}")
+                shutil.copyfile(data_dir / "pretrain" / n, files[-1])
+        cfg = PrepareConfig(
+            [str(f) for f in files],
+            str(tmp_path / f"out{len(runs)}"),
+            workers=1,
+            shard_tokens=100_000,
+            buffer_mb=0.25,
+            progress=False,
+            histogram=False,
+        )
+        tracemalloc.start()
+        try:
+            prepare(cfg, tokenizer=gpt2)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(1)  # warm-up: first-time allocations (imports, caches)
+    small, large = peak(1), peak(4)
+    # 3 extra copies = 7.2 MB more text (3.6 MB of uint16 tokens): holding either would show here.
+    assert large < small + 1_500_000, (small, large)
+
+
 def test_killed_prepare_resumes_from_last_shard_with_identical_bytes(corpus, tmp_path):
     args = [
         sys.executable,
@@ -193,7 +232,10 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(GptforgeError, match="no document fell into the validation split.*--text-sep blank"):
         prepare(
             PrepareConfig(
-                [str(data_dir / "pretrain/the-verdict.txt")], str(tmp_path / "b"), separator="file", workers=1,
+                [str(data_dir / "pretrain/the-verdict.txt")],
+                str(tmp_path / "b"),
+                separator="file",
+                workers=1,
                 progress=False,
             )
         )
