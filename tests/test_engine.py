@@ -44,12 +44,19 @@ def greedy(n, **kw):
 # ---- agreement with transformers ----------------------------------------------------------------------
 
 
-def test_greedy_batch_matches_transformers_generate_with_left_padding(engine, tmp_path):
+@pytest.fixture(scope="module")
+def hf_model(engine, tmp_path_factory):
+    """The engine's model exported with ``export_model`` and loaded back as ``GPT2LMHeadModel``."""
     transformers = pytest.importorskip("transformers")
     from gptforge.hf import export_model
 
-    export_model(engine.model, engine.tokenizer, tmp_path / "hf")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    out = tmp_path_factory.mktemp("hf")
+    export_model(engine.model, engine.tokenizer, out)
+    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+
+
+def test_greedy_batch_matches_transformers_generate_with_left_padding(engine, hf_model):
+    hf = hf_model
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert len({len(i) for i in ids}) > 2  # genuinely mixed lengths
     width = max(map(len, ids))
@@ -66,6 +73,19 @@ def test_greedy_batch_matches_transformers_generate_with_left_padding(engine, tm
         expected = row[: stops[0] + 1] if stops else row
         assert completion.token_ids == expected
     assert len({tuple(c.token_ids) for c in ours}) == len(PROMPTS)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers_generate(engine, hf_model):
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
+                                   pad_token_id=engine.tokenizer.eot_id, eos_token_id=sorted(engine.base_stop_ids))
+    ours = engine.generate([ids], greedy(20, repetition_penalty=1.3))[0]
+    plain = engine.generate([ids], greedy(20))[0]
+    assert ours.finish_reason == "stop" or len(ours.token_ids) == 20
+    assert ours.token_ids == hf_out[0, len(ids):].tolist()[: len(ours.token_ids)]
+    assert ours.token_ids != plain.token_ids  # the penalty changed the greedy path
 
 
 HF_CASES = [
