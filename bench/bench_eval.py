@@ -27,7 +27,8 @@ def build(preset: str):
     from transformers import GPT2LMHeadModel
 
     from gptforge.hf import hf_config, to_hf_state_dict
-    from gptforge.model import GPT, preset as make_preset
+    from gptforge.model import GPT
+    from gptforge.model import preset as make_preset
 
     torch.manual_seed(0)
     config = make_preset(preset, vocab_size=50257, block_size=max(256, make_preset(preset).block_size))

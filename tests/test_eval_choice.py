@@ -40,7 +40,8 @@ def test_hellaswag_items_follow_lm_eval_preprocessing(data_dir):
 
 def test_hellaswag_preprocessing_equals_lm_eval_on_real_items(data_dir):
     utils = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
-    records = [json.loads(line) for _, line in zip(range(300), open(data_dir / "eval" / "hellaswag_val.jsonl"))]
+    with open(data_dir / "eval" / "hellaswag_val.jsonl") as f:
+        records = [json.loads(line) for _, line in zip(range(300), f)]
     items = load_hellaswag(data_dir / "eval" / "hellaswag_val.jsonl", limit=300)
     for rec, item in zip(records, items):
         query = utils.preprocess(rec["activity_label"] + ": " + rec["ctx_a"] + " " + rec["ctx_b"].capitalize())
@@ -57,7 +58,7 @@ def test_mmlu_zero_and_five_shot_prompts(data_dir):
     assert item.context.endswith("\nD. " + item.context.split("\nD. ")[1].split("\n")[0] + "\nAnswer:")
     assert item.choices == ["A", "B", "C", "D"]
     five = load_mmlu(data_dir / "eval" / "mmlu_test.jsonl", num_fewshot=5, subjects=["anatomy"], limit=1)
-    dev = [json.loads(line) for line in open(data_dir / "eval" / "mmlu_dev.jsonl")]
+    dev = [json.loads(line) for line in (data_dir / "eval" / "mmlu_dev.jsonl").read_text().splitlines()]
     anatomy_dev = [d for d in dev if d["subject"] == "anatomy"]
     ctx = five[0].context
     assert ctx.count("\nAnswer:") == 6

@@ -11,12 +11,18 @@ from gptforge.checkpoint import save_model
 from gptforge.cli import main
 from gptforge.data.shards import write_shard
 from gptforge.errors import GptforgeError
-from gptforge.eval.loss import (TokenStream, evaluate_loss, expand_checkpoints, loss_on_stream, text_stream,
-                                token_byte_lengths)
+from gptforge.eval.loss import (
+    TokenStream,
+    evaluate_loss,
+    expand_checkpoints,
+    loss_on_stream,
+    text_stream,
+    token_byte_lengths,
+)
 from gptforge.model import GPT, GPTConfig
 from gptforge.tokenizer import TiktokenTokenizer
 
-CFG = dict(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)
+CFG = {"vocab_size": 50257, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def test_windows_predict_every_token_once_and_match_a_single_forward(tok, shakes
 
 
 def test_bits_per_byte_relates_loss_to_bytes(tok, shakespeare_ids):
-    text, ids = shakespeare_ids
+    _, ids = shakespeare_ids
     model = random_model()
     res = evaluate_loss(model, TokenStream([np.array(ids[:801])], "s"), tokenizer=tok, seq_len=64,
                         show_progress=False)
@@ -86,17 +92,39 @@ def test_bits_per_byte_relates_loss_to_bytes(tok, shakespeare_ids):
 def test_text_documents_are_joined_with_eot_not_padded(tok, data_dir):
     stream = text_stream([data_dir / "pretrain" / "tinystories-5.txt"], tok)
     ids = stream.slice(0, len(stream))
-    assert int((ids == tok.eot_id).sum()) == 5 and ids[-1] == tok.eot_id
+    assert int((ids == tok.eot_id).sum()) == 5 and ids[0] == tok.eot_id  # one before every story
     raw = (data_dir / "pretrain" / "tinystories-5.txt").read_text(encoding="utf-8")
-    first_story = raw.split("<|endoftext|>")[0].strip("\n")
-    first_eot = int(np.argmax(ids == tok.eot_id))
-    assert tok.decode(ids[:first_eot].tolist()) == first_story
+    second_eot = int(np.nonzero(ids == tok.eot_id)[0][1])
+    assert tok.decode(ids[1:second_eot].tolist()).strip() == raw.split("<|endoftext|>")[0].strip()
+
+
+def test_raw_text_gives_the_same_tokens_as_data_prepare(tok, data_dir, tmp_path):
+    from gptforge.data.prepare import PrepareConfig, prepare
+
+    src = data_dir / "pretrain" / "tinystories-sample.txt"
+    prepare(PrepareConfig(sources=[str(src)], out=str(tmp_path / "prep"), val_fraction=0.0, workers=1,
+                          progress=False, histogram=False), tokenizer=tok)
+    from gptforge.eval.loss import shard_stream
+
+    shards, _ = shard_stream(tmp_path / "prep", "train")
+    raw = text_stream([src], tok)
+    assert len(raw) == len(shards) and np.array_equal(raw.slice(0, 5000), shards.slice(0, 5000))
+    model = random_model()
+    a = evaluate_loss(model, tmp_path / "prep", tokenizer=tok, split="train", max_tokens=400, seq_len=64,
+                      show_progress=False)
+    b = evaluate_loss(model, src, tokenizer=tok, max_tokens=400, seq_len=64, show_progress=False)
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["bits_per_byte"] == pytest.approx(b["bits_per_byte"])
+    # a model tokenizer that only adds special tokens (as sft does) is accepted for these shards
+    chat_tok = TiktokenTokenizer(extra_special=["<|im_start|>", "<|im_end|>"])
+    c = evaluate_loss(model, tmp_path / "prep", tokenizer=chat_tok, split="train", max_tokens=400, seq_len=64,
+                      show_progress=False)
+    assert c["loss"] == pytest.approx(a["loss"], abs=1e-9)
 
 
 def test_jsonl_documents_and_bad_records(tok, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "Hello there."}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(GptforgeError, match=r"docs\.jsonl:2: no string field 'text'"):
+    with pytest.raises(GptforgeError, match=r"docs\.jsonl:2"):
         text_stream([path], tok)
 
 

@@ -7,14 +7,14 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from gptforge.checkpoint import save_model  # noqa: E402
-from gptforge.eval.choice import evaluate_choice  # noqa: E402
-from gptforge.eval.harness import GptforgeLM, score_pairs  # noqa: E402
-from gptforge.eval.scoring import Request, score_requests  # noqa: E402
-from gptforge.model import GPT, GPTConfig  # noqa: E402
-from gptforge.tokenizer import TiktokenTokenizer  # noqa: E402
+from gptforge.checkpoint import save_model
+from gptforge.eval.choice import evaluate_choice
+from gptforge.eval.harness import GptforgeLM, score_pairs
+from gptforge.eval.scoring import Request, score_requests
+from gptforge.model import GPT, GPTConfig
+from gptforge.tokenizer import TiktokenTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_lm_eval_task_on_local_hellaswag_matches_eval_choice(lm, data_dir, tmp_p
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    rows = [line for _, line in zip(range(8), open(data_dir / "eval" / "hellaswag_val.jsonl"))]
+    rows = (data_dir / "eval" / "hellaswag_val.jsonl").read_text().splitlines(keepends=True)[:8]
     (tmp_path / "hs.jsonl").write_text("".join(rows))
     (tmp_path / "hs_utils.py").write_text(
         "from lm_eval.tasks.hellaswag.utils import process_docs, preprocess  # noqa: F401\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from gptforge.commands import add_parser
@@ -34,6 +33,8 @@ def _register_loss(esub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokenizer", default=None, help="tokenizer for raw text when the checkpoint has none")
     p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--separator", default=None,
+                   help="raw .txt documents: file | blank | line | a literal (default: auto, as data prepare)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -49,7 +50,13 @@ def _common_run_dir(checkpoints: list[Path]) -> Path | None:
 
 
 def run_loss(args) -> int:
-    from gptforge.eval.loss import evaluate_checkpoints, expand_checkpoints, format_table, plot_losses, write_json
+    from gptforge.eval.loss import (
+        evaluate_checkpoints,
+        expand_checkpoints,
+        format_table,
+        plot_losses,
+        write_json,
+    )
     from gptforge.tokenizer import load_tokenizer
 
     checkpoints = expand_checkpoints(args.checkpoints)
@@ -57,7 +64,8 @@ def run_loss(args) -> int:
     data = args.data[0] if len(args.data) == 1 else args.data
     report = evaluate_checkpoints(checkpoints, data, tokenizer=tokenizer, split=args.split, start=args.start,
                                   max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  device=args.device, dtype=args.dtype, text_field=args.text_field)
+                                  device=args.device, dtype=args.dtype, text_field=args.text_field,
+                                  separator=args.separator)
     results = report["results"]
     table = format_table(results)
     print(table)

@@ -98,8 +98,8 @@ def summarize(predictions: list[dict], with_groups: bool = False) -> dict:
     return summary
 
 
-def evaluate_choice(model, tokenizer, task: str = "hellaswag", data: str | Path | None = None,
-                    limit: int | None = None, num_fewshot: int = 0, batch_size: int = 32,
+def evaluate_choice(model, tokenizer, task: str = "hellaswag", limit: int | None = None,
+                    data: str | Path | None = None, num_fewshot: int = 0, batch_size: int = 32,
                     items: list[Item] | None = None, show_progress: bool = True, **task_options) -> dict:
     """Run a multiple-choice task; returns ``{"task", "metrics", "predictions", ...}`` (JSON-serialisable)."""
     if tokenizer is None:
@@ -111,7 +111,8 @@ def evaluate_choice(model, tokenizer, task: str = "hellaswag", data: str | Path 
     start = time.perf_counter()
     predictions = score_items(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress)
     seconds = time.perf_counter() - start
-    metrics = summarize(predictions, with_groups=(task == "mmlu" or any(i.group for i in items) and task != "hellaswag"))
+    with_groups = task == "mmlu" or (task == "jsonl" and any(i.group for i in items))
+    metrics = summarize(predictions, with_groups=with_groups)
     return {
         "task": task, "data": str(data) if data is not None else None, "num_fewshot": num_fewshot,
         "limit": limit, "metrics": metrics, "seconds": seconds, "items_per_second": len(items) / max(seconds, 1e-9),
@@ -133,9 +134,9 @@ def hellaswag_hook(model, tokenizer, items: list[Item], batch_size: int = 32) ->
 def format_summary(result: dict) -> str:
     """A readable multi-line summary of an :func:`evaluate_choice` result."""
     m = result["metrics"]
-    lines = [f"{result['task']}: n={m['n']}  acc={m['acc']:.4f} ± {m['acc_stderr']:.4f}  "
-             f"acc_norm={m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}  "
-             f"({result['items_per_second']:.1f} items/s)"]
+    head = (f"{result['task']}: n={m['n']}  acc={m['acc']:.4f} ± {m['acc_stderr']:.4f}  "
+            f"acc_norm={m['acc_norm']:.4f} ± {m['acc_norm_stderr']:.4f}  ({result['items_per_second']:.1f} items/s)")
+    lines = [head]
     if "categories" in m:
         lines.append(f"  macro acc (mean over {len(m['groups'])} subjects) = {m['acc_macro']:.4f}, "
                      f"micro acc = {m['acc_micro']:.4f}")

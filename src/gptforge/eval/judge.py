@@ -169,10 +169,10 @@ def parse_score(text: str) -> tuple[float | None, str]:
     obj = _json_object(text)
     if isinstance(obj, dict) and isinstance(obj.get("score"), (int, float)) and 0 <= obj["score"] <= 100:
         return float(obj["score"]), str(obj.get("comment") or obj.get("reason") or obj.get("justification") or "")
-    found = re.findall(r"score\W{0,3}(?:is|of|=|:)?\W{0,3}" + _NUMBER, text, flags=re.I)
+    found = re.findall(r"score\W{0,3}(?:is|of|=|:)?\W{0,3}" + _NUMBER, text, flags=re.IGNORECASE)
     if found and _in_range(found[-1]) is not None:
         return _in_range(found[-1]), _strip_score_line(comment)
-    found = re.findall(_NUMBER + r"\s*(?:/|out of)\s*100\b", text, flags=re.I)
+    found = re.findall(_NUMBER + r"\s*(?:/|out of)\s*100\b", text, flags=re.IGNORECASE)
     if found and _in_range(found[-1]) is not None:
         return _in_range(found[-1]), _strip_score_line(comment)
     if re.fullmatch(r"\W*" + _NUMBER + r"\W*", text.strip()):
@@ -185,7 +185,7 @@ def parse_score(text: str) -> tuple[float | None, str]:
 
 
 def _strip_score_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if not re.match(r"\W*score\b", ln, flags=re.I)]
+    lines = [ln for ln in text.splitlines() if not re.match(r"\W*score\b", ln, flags=re.IGNORECASE)]
     return "\n".join(lines).strip()
 
 
@@ -213,7 +213,7 @@ def parse_batched(text: str, labels: list[str]) -> dict[str, tuple[float | None,
                 score, comment = float(v["score"]), str(v.get("comment") or "")
         else:
             m = re.search(r"^[\W_]*(?:answer|model|system)?\s*\(?\[?" + label + r"\]?\)?\**\s*[:=\-–]\s*\**\s*"
-                          + _NUMBER + r"(?:\s*/\s*100)?\**\s*[-–:,.]?\s*(.*)$", text or "", flags=re.M)
+                          + _NUMBER + r"(?:\s*/\s*100)?\**\s*[-–:,.]?\s*(.*)$", text or "", flags=re.MULTILINE)
             if m:
                 score, comment = float(m.group(1)), m.group(2).strip()
         if score is not None and not 0 <= score <= 100:

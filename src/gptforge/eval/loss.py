@@ -1,7 +1,8 @@
 """Held-out loss, perplexity and bits-per-byte, for one checkpoint or a series of them.
 
 The evaluated text is one token stream, exactly as training sees it: a prepared split's shards concatenated in
-order, or raw text/jsonl documents each followed by end-of-text. The stream ``[start, start + max_tokens)`` is
+order, or raw text/jsonl files read and tokenized as ``gptforge data prepare`` does (end-of-text before every
+document, all concatenated). The stream ``[start, start + max_tokens)`` is
 cut into consecutive windows of ``seq_len + 1`` tokens that overlap by one, so every token after the first is
 predicted exactly once, with as much context as training gives it. Evaluating per-document padded windows
 instead (seed 000's pitfall) reports a different, misleading number.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import EOT, BPETokenizer, TiktokenTokenizer, Tokenizer
+from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
 
 MAX_LOGITS_PER_BATCH = 2**27
 
@@ -64,42 +65,30 @@ def shard_stream(directory: str | Path, split: str = "val") -> tuple[TokenStream
     return TokenStream([read_shard(p) for p in paths], f"{directory} ({split}, {len(paths)} shards)"), manifest
 
 
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents of a text file (split at literal end-of-text markers, else the whole file) or a jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptforgeError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                    raise GptforgeError(f"{path}:{lineno}: no string field {text_field!r}; choose the field with "
-                                        "--text-field NAME")
-                docs.append(rec[text_field])
-        return docs
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptforgeError(f"{path}: not UTF-8 text ({e})") from None
-    return [d for d in (p.strip("\n") for p in text.split(EOT)) if d]
+def text_stream(files: list[str | Path], tokenizer: Tokenizer, text_field: str = "text",
+                separator: str | None = None) -> TokenStream:
+    """Raw text/jsonl/parquet files tokenized exactly as ``gptforge data prepare`` does: documents found by the
+    same readers (``separator``: None = auto-detect for .txt), an end-of-text token before every document,
+    all concatenated."""
+    from gptforge.data.sources import ReadStats, expand_sources
 
-
-def text_stream(files: list[str | Path], tokenizer: Tokenizer, text_field: str = "text") -> TokenStream:
-    """Raw text/jsonl files tokenized like training: every document followed by end-of-text, all concatenated."""
-    docs = [d for f in files for d in read_documents(f, text_field)]
-    if not docs:
+    for f in files:
+        if not Path(f).exists():
+            raise GptforgeError(f"data file not found: {f}")
+    sources = expand_sources([str(f) for f in files], separator, text_field)
+    stats = ReadStats()
+    texts, firsts = [], []
+    for src in sources:
+        for piece in src.pieces(stats):
+            texts.append(piece.text)
+            firsts.append(piece.first)
+    if not texts:
         raise GptforgeError(f"no documents in {', '.join(map(str, files))}")
     ids: list[int] = []
-    for doc_ids in tokenizer.encode_batch(docs):
-        ids.extend(doc_ids)
-        ids.append(tokenizer.eot_id)
+    for first, piece_ids in zip(firsts, tokenizer.encode_batch(texts)):
+        if first:
+            ids.append(tokenizer.eot_id)
+        ids.extend(piece_ids)
     return TokenStream([np.asarray(ids, dtype=np.int64)], ", ".join(map(str, files)))
 
 
@@ -229,12 +218,12 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
 def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None, split: str = "val",
                   start: int = 0, max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
                   device: str | None = None, dtype: str = "auto", text_field: str = "text",
-                  show_progress: bool = True, _stream_cache: dict | None = None) -> dict:
+                  separator: str | None = None, show_progress: bool = True, _stream_cache: dict | None = None) -> dict:
     """Loss, perplexity and bits-per-byte of a model on held-out data.
 
     ``checkpoint_or_model``: a checkpoint path (any form ``load_model`` accepts) or a :class:`GPT`.
-    ``data``: a prepared dataset directory (its ``split`` shards), a text/jsonl file or a list of them, or a
-    :class:`TokenStream`. ``tokenizer`` defaults to the checkpoint's; it is needed for raw text and for
+    ``data``: a prepared dataset directory (its ``split`` shards), a text/jsonl/parquet file or a list of them
+    (documents split by ``separator`` as in ``data prepare``), or a :class:`TokenStream`. ``tokenizer`` defaults to the checkpoint's; it is needed for raw text and for
     bits-per-byte. Returns ``{"loss", "perplexity", "bits_per_byte", "tokens", ...}``.
     """
     meta: dict = {}
@@ -251,10 +240,10 @@ def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None,
     if _stream_cache is not None and cache_key in _stream_cache:
         stream, manifest = _stream_cache[cache_key]
     else:
-        stream, manifest = _stream_for(data, tokenizer, split, text_field)
+        stream, manifest = _stream_for(data, tokenizer, split, text_field, separator)
         if _stream_cache is not None:
             _stream_cache[cache_key] = (stream, manifest)
-    _check_tokenizer(manifest, tokenizer, stream)
+    _check_tokenizer(manifest, tokenizer, stream, data if isinstance(data, (str, Path)) else None)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if tokenizer is not None else None
     result = loss_on_stream(model, stream, seq_len=seq_len, start=start, max_tokens=max_tokens,
                             batch_size=batch_size, byte_lengths=byte_lengths, dtype=dtype,
@@ -269,7 +258,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _stream_for(data, tokenizer, split, text_field) -> tuple[TokenStream, dict]:
+def _stream_for(data, tokenizer, split, text_field, separator=None) -> tuple[TokenStream, dict]:
     if isinstance(data, TokenStream):
         return data, {}
     files = [data] if isinstance(data, (str, Path)) else list(data)
@@ -281,19 +270,33 @@ def _stream_for(data, tokenizer, split, text_field) -> tuple[TokenStream, dict]:
                                 "(from `gptforge data prepare`) or text/jsonl files")
     if tokenizer is None:
         raise GptforgeError("raw text needs a tokenizer: the checkpoint has none, pass --tokenizer")
-    return text_stream(files, tokenizer, text_field), {}
+    return text_stream(files, tokenizer, text_field, separator), {}
 
 
-def _check_tokenizer(manifest: dict, tokenizer: Tokenizer | None, stream: TokenStream) -> None:
-    """Refuse shards prepared with another tokenizer than the model's (when the manifest says which)."""
+def _check_tokenizer(manifest: dict, tokenizer: Tokenizer | None, stream: TokenStream, directory=None) -> None:
+    """Refuse shards prepared with a tokenizer other than the model's (when the manifest says which).
+
+    A model tokenizer that only extends the data's (special tokens appended, as ``gptforge sft`` does) is fine:
+    when the manifest's hash differs, the saved data tokenizer and the model's must decode a sample of the
+    shards to the same text.
+    """
     info = manifest.get("tokenizer") if isinstance(manifest, dict) else None
     if not isinstance(info, dict) or tokenizer is None:
         return
-    expected = info.get("hash") or info.get("content_hash")
-    if expected and expected != tokenizer.content_hash():
-        raise GptforgeError(f"{stream.description} was prepared with tokenizer {info.get('name')!r} "
-                            f"(hash {expected}), the model uses {tokenizer.name!r} (hash {tokenizer.content_hash()});"
-                            " evaluate on data prepared with the model's tokenizer")
+    expected = info.get("hash")
+    if not expected or expected == tokenizer.content_hash():
+        return
+    saved = Path(directory) / info.get("path", "tokenizer") if directory is not None else None
+    if saved is not None and saved.is_dir():
+        from gptforge.tokenizer import load_tokenizer
+
+        data_tok = load_tokenizer(saved)
+        sample = stream.slice(0, min(len(stream), 4096)).tolist()
+        if tokenizer.vocab_size >= data_tok.vocab_size and data_tok.decode(sample) == tokenizer.decode(sample):
+            return
+    raise GptforgeError(f"{stream.description} was prepared with tokenizer {info.get('name')!r} "
+                        f"(hash {expected}), the model uses {tokenizer.name!r} (hash {tokenizer.content_hash()});"
+                        " evaluate on data prepared with the model's tokenizer")
 
 
 # ---- several checkpoints ----------------------------------------------------------------------------------

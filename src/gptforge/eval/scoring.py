@@ -123,21 +123,55 @@ def _score_plain(model, requests, indices, batch_size, results, progress) -> Non
             progress(len(chunk))
 
 
+def _forward_hidden(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Hidden states ``(B, T, d)`` after the last block, from the model's own forward pass.
+
+    The forward runs with ``logits_to_keep=1`` so the LM head is not applied to every position; the caller
+    applies it (:func:`_head`) to exactly the positions it scores.
+    """
+    captured = {}
+    handle = model.transformer.h[-1].register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
+    try:
+        model(ids, logits_to_keep=1, **kwargs)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def _head(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and greedy ids for hidden states ``(N, d)`` (final LayerNorm, then the LM head)."""
+    return _normalise(model.lm_head(model.transformer.ln_f(hidden)))
+
+
+def _gather_rows(hidden: torch.Tensor, spans: list[tuple[int, int, int]]):
+    """Flatten ``(row, start, length)`` spans of ``hidden`` into ``(N, d)`` and the offset of each span."""
+    rows, cols, offsets, n = [], [], [], 0
+    for row, start, length in spans:
+        rows += [row] * length
+        cols += list(range(start, start + length))
+        offsets.append(n)
+        n += length
+    index_r = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+    index_c = torch.tensor(cols, dtype=torch.long, device=hidden.device)
+    return hidden[index_r, index_c], offsets
+
+
 def _score_batch(model, prepared, continuations, device, results, indices) -> None:
-    # Left padding puts every continuation at the end of its row, so only the last max(n_cont) positions
-    # need logits (the LM head over a 50k vocabulary dominates a small model's cost).
+    # Left padding puts every continuation at the end of its row; the LM head (which over a 50k vocabulary
+    # dominates a small model's cost) is applied to the continuation positions only.
     width = max(len(ids) for ids, _ in prepared)
     batch = torch.zeros((len(prepared), width), dtype=torch.long)
     mask = torch.zeros((len(prepared), width), dtype=torch.long)
     for row, (ids, _) in enumerate(prepared):
         batch[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[row, width - len(ids):] = 1
-    keep = max(n for _, n in prepared)
     ragged = any(len(ids) != width for ids, _ in prepared)
-    logits, _ = model(batch.to(device), attention_mask=mask.to(device) if ragged else None, logits_to_keep=keep)
-    logprobs, argmax = _normalise(logits)
-    for row, ((ids, n_cont), cont) in enumerate(zip(prepared, continuations)):
-        _record([(logprobs[row, keep - n_cont:], argmax[row, keep - n_cont:])], cont, results, indices[row])
+    hidden = _forward_hidden(model, batch.to(device), attention_mask=mask.to(device) if ragged else None)
+    spans = [(row, width - n_cont, n_cont) for row, (_, n_cont) in enumerate(prepared)]
+    flat, offsets = _gather_rows(hidden, spans)
+    logprobs, argmax = _head(model, flat)
+    for (row, _, n), off, cont in zip(spans, offsets, continuations):
+        _record([(logprobs[off : off + n], argmax[off : off + n])], cont, results, indices[row])
 
 
 def _normalise(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +230,6 @@ def _score_group_batch(model, requests, batch, cont_max, results) -> None:
     last, _ = model(ids, attention_mask=mask if ragged else None, kv_cache=cache, logits_to_keep=1)
     row_group = [g for g, (_, idxs) in enumerate(batch) for _ in idxs]
     row_request = [i for _, idxs in batch for i in idxs]
-    logits = None
     if cont_max > 0:
         # Every continuation but its last token is fed after its own copy of the context's cache.
         index = torch.tensor(row_group, device=device)
@@ -208,14 +241,17 @@ def _score_group_batch(model, requests, batch, cont_max, results) -> None:
             cont[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             cont_mask[r, : len(tokens)] = 1
         full_mask = torch.cat([mask[index], cont_mask.to(device)], dim=1)
-        logits, _ = model(cont.to(device), attention_mask=full_mask, kv_cache=cache)
-    first_lp, first_max = _normalise(last[:, -1:])
-    rest_lp, rest_max = _normalise(logits) if logits is not None else (None, None)
+        hidden = _forward_hidden(model, cont.to(device), attention_mask=full_mask, kv_cache=cache)
+        spans = [(r, 0, len(requests[i].continuation) - 1) for r, i in enumerate(row_request)]
+        flat, offsets = _gather_rows(hidden, spans)
+        rest_lp, rest_max = _head(model, flat)
+    first_lp, first_max = _normalise(last[:, -1])
     for r, (g, i) in enumerate(zip(row_group, row_request)):
         continuation = requests[i].continuation
-        pieces = [(first_lp[g], first_max[g])]
+        pieces = [(first_lp[g : g + 1], first_max[g : g + 1])]
         if len(continuation) > 1:
-            pieces.append((rest_lp[r, : len(continuation) - 1], rest_max[r, : len(continuation) - 1]))
+            off, n = offsets[r], len(continuation) - 1
+            pieces.append((rest_lp[off : off + n], rest_max[off : off + n]))
         _record(pieces, continuation, results, i)
 
 
