@@ -28,13 +28,23 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.checkpoint} (context {engine.block_size} tokens). {HELP}")
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     while True:
         if interactive:
-            print("\n> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
-            return 0
-        text = line.rstrip("\n")
+            try:
+                text = input("\n> ")
+            except EOFError:
+                print()
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:  # end of piped input
+                return 0
+            text = line.rstrip("\n")
         if not text.strip():
             continue
         if text.startswith("/"):
