@@ -76,7 +76,12 @@ def run(args) -> int:
 
         if not interactive:
             sys.stdout.write("assistant: ")
-        reply = engine.chat(messages, params, on_token=on_token)
+        try:
+            reply = engine.chat(messages, params, on_token=on_token)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            print("\n[reply interrupted]", flush=True)
+            history.pop()
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": reply.text.strip()})
