@@ -110,7 +110,7 @@ async def run_load(url: str, requests, concurrency: int):
 
 def percentile(values, q):
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
 
 
 def free_port() -> int:
@@ -160,8 +160,7 @@ def main() -> int:
         tmp.cleanup()
 
     codes = Counter(str(status) for _, status, _, _, _ in results)
-    failures = sum(n for code, n in codes.items() if not code.lstrip("-").isdigit() or code.startswith("5")
-                   or code.startswith("-"))
+    failures = sum(n for code, n in codes.items() if not code.lstrip("-").isdigit() or code.startswith(("5", "-")))
     ok = [r for r in results if r[4] and r[1] == 200]
     latencies = [r[2] for r in ok]
     tokens = sum(r[3] for r in ok)
