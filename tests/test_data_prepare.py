@@ -265,3 +265,23 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     (tmp_path / "e" / "train_00000.bin").write_bytes(b"x")
     with pytest.raises(GptforgeError, match="already holds shards"):
         prepare(PrepareConfig([str(bad)], str(tmp_path / "e"), workers=1, skip_bad=True, progress=False))
+
+
+def test_tokenizer_without_tiktoken_form_is_prepared_through_hf(data_dir, tmp_path):
+    """A BPE whose pre-tokenization tiktoken cannot reproduce (prefix space) goes through HF tokenizers."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    from gptforge.tokenizer import BPETokenizer
+
+    base = train_bpe([(data_dir / "pretrain/the-verdict.txt").read_text()], vocab_size=400)
+    hf = HFTokenizer.from_str(base._tok.to_str())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok = BPETokenizer(hf, name="prefix-space")
+    assert prep.encoder_payload(tok)[0] == "hf"
+    path = data_dir / "pretrain/tinystories-5.txt"
+    prepare(
+        PrepareConfig([str(path)], str(tmp_path), val_fraction=0, workers=1, progress=False), tokenizer=tok
+    )
+    docs = [d.strip() for d in path.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
+    assert _tokens(tmp_path, "train").tolist() == [i for d in docs for i in [0] + tok.encode(d)]

@@ -113,3 +113,15 @@ def test_cli_train_info_encode(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '"ids": [15496, 995]' in printed and '"round_trip": true' in printed
     assert main(["tokenizer", "train", "/nonexistent.txt", "--vocab-size", "600", "--out", str(out)]) == 2
+
+
+def test_tiktoken_export_is_refused_when_pretokenization_differs(bpe):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    from gptforge.tokenizer import BPETokenizer
+
+    tok, _ = bpe
+    hf = HFTokenizer.from_str(tok._tok.to_str())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert tok.tiktoken_ranks() is not None and BPETokenizer(hf).tiktoken_ranks() is None

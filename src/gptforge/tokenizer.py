@@ -265,8 +265,7 @@ class BPETokenizer(Tokenizer):
         """
         spec = json.loads(self._tok.to_str())
         model = spec.get("model", {})
-        pre = json.dumps(spec.get("pre_tokenizer"))
-        if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        if not _gpt2_style(spec):
             return None
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         vocab: dict[str, int] = model["vocab"]
@@ -358,6 +357,28 @@ def _load_tokenizer(spec: str | Path) -> Tokenizer:
 
 
 # ---- training and tiktoken export ---------------------------------------------------------------------------
+
+
+def _gpt2_style(spec: dict) -> bool:
+    """True for a plain byte-level BPE with GPT-2's pre-tokenization (what tiktoken reproduces exactly):
+    no normalizer, ByteLevel with the built-in GPT-2 regex (or our Split(GPT2_PATTERN) + ByteLevel), no
+    prefix space, and a BPE model without dropout, suffixes, byte fallback or merge skipping."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or spec.get("normalizer") is not None:
+        return False
+    if any(model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback",
+                                  "ignore_merges")):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, byte_level = pre["pretokenizers"]
+        return (split.get("type") == "Split" and split.get("pattern", {}).get("Regex") == GPT2_PATTERN
+                and split.get("behavior") == "Isolated" and not split.get("invert")
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+                and not byte_level.get("add_prefix_space", False))
+    return False
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -75,6 +75,13 @@ def is_validation(text: str, val_fraction: float, salt: str = "gptforge") -> boo
 _ENCODER = None
 
 
+# Exercises every branch of GPT-2's regex (contractions, letters, digits, punctuation, whitespace runs, non-ASCII).
+_CHECK_TEXT = (
+    "It's 2024; they'll say: \"Don't!\"  Numbers 3.14159 and 1,000,000\n\n\tTabs   and  spaces  \n"
+    "naïve café Ünïcödé — 東京 🙂 ¿qué? I'm, we've, you're, he'd 12ab34 ...!!! end   "
+)
+
+
 def encoder_payload(tokenizer) -> tuple:
     """A picklable description of ``tokenizer`` from which a worker rebuilds a fast plain-text encoder."""
     from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer
@@ -83,8 +90,12 @@ def encoder_payload(tokenizer) -> tuple:
         return ("tiktoken", tokenizer._ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
     if isinstance(tokenizer, BPETokenizer):
         ranks = tokenizer.tiktoken_ranks()
-        if ranks is not None:  # same ids, several times faster than HF on long texts
-            return ("tiktoken", ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
+        if ranks is not None:  # same ids, several times faster than HF on long texts; double-checked here
+            from gptforge.tokenizer import tiktoken_encoding
+
+            enc = tiktoken_encoding(ranks, tokenizer.special_tokens)
+            if enc.encode_ordinary(_CHECK_TEXT) == tokenizer.encode(_CHECK_TEXT):
+                return ("tiktoken", ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
         return ("hf", tokenizer._tok.to_str(), tokenizer.name, tokenizer.eot_id)
     raise GptforgeError(f"cannot prepare data with a tokenizer of kind {tokenizer.kind!r}")
 
