@@ -108,6 +108,9 @@ def test_expand_sources_globs_directories_names_and_hub_ids(data_dir):
     )  # the user's choice wins
     hub = expand_sources(["hf:HuggingFaceFW/fineweb-edu"], hub_config="sample-10BT")[0]
     assert (hub.kind, hub.path, hub.hub_config) == ("hub", "HuggingFaceFW/fineweb-edu", "sample-10BT")
+    hub = expand_sources(["HuggingFaceFW/fineweb:sample-10BT"])[0]
+    assert (hub.path, hub.hub_config, hub.hub_split) == ("HuggingFaceFW/fineweb", "sample-10BT", "train")
+    assert expand_sources(["hf:cais/mmlu:all:test"])[0].hub_split == "test"
     with pytest.raises(GptforgeError, match="matches no files"):
         expand_sources([str(data_dir / "pretrain/*.nothing")])
     with pytest.raises(GptforgeError, match="input not found"):
@@ -115,7 +118,9 @@ def test_expand_sources_globs_directories_names_and_hub_ids(data_dir):
 
 
 def test_separator_auto_detection(data_dir, tmp_path):
-    srcs = expand_sources([str(data_dir / f"pretrain/{n}") for n in ("tinystories-5.txt", "tinyshakespeare.txt")])
+    srcs = expand_sources(
+        [str(data_dir / f"pretrain/{n}") for n in ("tinystories-5.txt", "tinyshakespeare.txt")]
+    )
     assert [s.separator for s in srcs] == ["<|endoftext|>", "blank"]
     lines = tmp_path / "lines.txt"
     lines.write_text("one line\nanother line\n")
@@ -135,7 +140,9 @@ def test_hub_dataset_records_stream_through_datasets(monkeypatch, data_dir):
     """The hub path without the network: ``datasets.load_dataset`` replaced by local HellaSwag records."""
     import datasets
 
-    records = [json.loads(line) for line in (data_dir / "eval/hellaswag_val.jsonl").open(encoding="utf-8")][:20]
+    records = [json.loads(line) for line in (data_dir / "eval/hellaswag_val.jsonl").open(encoding="utf-8")][
+        :20
+    ]
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, streaming=False):

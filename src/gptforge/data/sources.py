@@ -411,7 +411,8 @@ def expand_sources(
 
     A registry name (``tinyshakespeare``, ``fineweb-edu``, ...) resolves to its local copy, or for hub
     datasets to the hub when no local copy exists; ``separator=None`` (or ``"auto"``) means the registry
-    entry's separator for named datasets, else ``detect_separator`` for each .txt file. ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
+    entry's separator for named datasets, else ``detect_separator`` for each .txt file. Hub datasets may
+    carry their configuration and split: ``HuggingFaceFW/fineweb:sample-10BT:train``. ``hf:OWNER/NAME`` (or an ``OWNER/NAME`` that is not a
     local path) is a hub dataset streamed with ``datasets``.
     """
     if not items:
@@ -439,8 +440,16 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
             chosen = detect_separator(path)
         return Source(kind, path, separator=chosen or "file", field=fld or text_field)
 
+    def hub_source(spec: str) -> Source:
+        # OWNER/NAME[:CONFIG[:SPLIT]]; --hub-config / --hub-split fill what the spec leaves out.
+        name, _, rest = spec.partition(":")
+        config, _, split = rest.partition(":")
+        return Source(
+            "hub", name, field=column or field, hub_config=config or hub_config, hub_split=split or hub_split
+        )
+
     if item.startswith("hf:"):
-        return [Source("hub", item[3:], field=column or field, hub_config=hub_config, hub_split=hub_split)]
+        return [hub_source(item[3:])]
     if os.path.isdir(item):
         files = sorted(
             p
@@ -473,8 +482,8 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
                 )
             ]
         return [file_source(str(registry.resolve(item)), sep=entry.separator, fld=entry.text_field)]
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", item) and not os.path.exists(item):
-        return [Source("hub", item, field=column or field, hub_config=hub_config, hub_split=hub_split)]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+){0,2}", item) and not os.path.exists(item):
+        return [hub_source(item)]
     raise GptforgeError(
         f"input not found: {item!r} is neither a file, a glob, a known dataset "
         f"({', '.join(registry.DATASETS)}) nor a hub id OWNER/NAME"
