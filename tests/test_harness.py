@@ -88,10 +88,10 @@ def test_native_checkpoint_loads_through_model_args(tmp_path, lm):
 
 
 @pytest.mark.slow
-def test_lm_eval_task_on_local_hellaswag_matches_eval_choice(lm, data_dir, tmp_path):
-    """lm-eval's own hellaswag preprocessing and metrics on a local copy give our eval choice numbers."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+def test_lm_eval_cli_on_local_hellaswag_matches_eval_choice(lm, data_dir, tmp_path):
+    """`gptforge eval harness` (lm-eval's CLI, its own hellaswag preprocessing and metrics) on a native
+    checkpoint and a local copy of the data gives our eval choice numbers."""
+    from gptforge.cli import main
 
     rows = (data_dir / "eval" / "hellaswag_val.jsonl").read_text().splitlines(keepends=True)[:8]
     (tmp_path / "hs.jsonl").write_text("".join(rows))
@@ -103,10 +103,14 @@ def test_lm_eval_task_on_local_hellaswag_matches_eval_choice(lm, data_dir, tmp_p
         "output_type: multiple_choice\nvalidation_split: validation\n"
         "process_docs: !function hs_utils.process_docs\ndoc_to_text: '{{query}}'\ndoc_to_target: '{{label}}'\n"
         "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    out = lm_eval.simple_evaluate(model=lm, tasks=["hellaswag_local"], task_manager=TaskManager(
-        include_path=str(tmp_path)), limit=8, bootstrap_iters=0)
-    theirs = out["results"]["hellaswag_local"]
+    save_model(tmp_path / "run" / "ckpt" / "step_0000001", lm.model, lm.tokenizer)
+    (tmp_path / "run" / "ckpt" / "latest").write_text("step_0000001")
+    rc = main(["eval", "harness", "--model_args", f"checkpoint={tmp_path / 'run'}", "--tasks", "hellaswag_local",
+               "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")])
+    assert rc == 0
+    [result_file] = list((tmp_path / "out").rglob("results*.json"))
+    theirs = json.loads(result_file.read_text())["results"]["hellaswag_local"]
     ours = evaluate_choice(lm.model, lm.tokenizer, "hellaswag", data=tmp_path / "hs.jsonl", show_progress=False)
+    assert ours["metrics"]["n"] == 8
     assert theirs["acc,none"] == pytest.approx(ours["metrics"]["acc"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"])
-    json.dumps(ours)  # results are JSON-serialisable

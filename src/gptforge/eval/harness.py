@@ -120,6 +120,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm_eval"] + argv
     try:
         cli_evaluate()
+    except SystemExit as e:  # lm-eval's argparse exits on bad arguments and after --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = saved
     return 0
