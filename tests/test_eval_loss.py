@@ -59,6 +59,17 @@ def test_byte_table_counts_text_bytes_exactly(tok, shakespeare_ids, data_dir):
     assert int(table[np.array(tok.encode(unicode_text))].sum()) == len(unicode_text.encode("utf-8"))
 
 
+def test_byte_table_of_a_trained_bpe_counts_text_bytes_exactly(data_dir):
+    from gptforge.tokenizer import train_bpe
+
+    text = (data_dir / "pretrain" / "the-verdict.txt").read_text(encoding="utf-8")
+    bpe = train_bpe([text], vocab_size=600)
+    table = token_byte_lengths(bpe)
+    probe = text[:3000] + " naïve — 日本"
+    assert int(table[np.array(bpe.encode(probe))].sum()) == len(probe.encode("utf-8"))
+    assert all(table[i] == 0 for i in bpe.special_tokens.values())
+
+
 def test_windows_predict_every_token_once_and_match_a_single_forward(tok, shakespeare_ids):
     _, ids = shakespeare_ids
     model = random_model()
