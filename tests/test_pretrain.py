@@ -1,4 +1,5 @@
 """Pretraining engine: batch arithmetic, determinism, a real run, checkpoints, resume to the bit, trackers."""
+# ruff: noqa: F811  (pytest fixtures imported from shard_fixtures are used as arguments)
 
 import json
 import math
@@ -12,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shard_fixtures import shakespeare_bpe, shakespeare_shards, shakespeare_text  # noqa: F401
 
 from gptforge.errors import GptforgeError
 from gptforge.model import preset
 from gptforge.train import checkpoint as C
 from gptforge.train.pretrain import PretrainConfig, compute_plan, run_pretrain
-from shard_fixtures import shakespeare_bpe, shakespeare_shards, shakespeare_text  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def small_config(shards, out_dir, name="run", steps=6, **train) -> PretrainConfi
     cfg = PretrainConfig(name=name, out_dir=str(out_dir))
     cfg.data.path = str(shards)
     cfg.data.seq_len = 32
-    cfg.data.val_tokens = 4096
+    cfg.data.val_tokens = 2048
     cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head = 2, 32, 2
     cfg.train.max_steps = steps
     cfg.train.micro_batch = 4
@@ -49,7 +50,7 @@ def losses(run_dir: Path) -> list[float]:
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-m", "gptforge", "pretrain", *args], env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+                          text=True, timeout=300, check=False, **kw)
 
 
 def cli_args(cfg: PretrainConfig) -> list[str]:
@@ -110,6 +111,7 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(shakespeare_s
     assert losses(a.run_dir) != losses(c.run_dir)
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_shakespeare_well_below_uniform(shakespeare_shards, tmp_path):
     cfg = small_config(shakespeare_shards, tmp_path, "real", steps=200)
     cfg.model.preset, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head = "tiny", None, None, None
@@ -193,7 +195,7 @@ def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards
 
 def test_bf16_autocast_and_fp16_grad_scaler_run_on_cpu(shakespeare_shards, tmp_path):
     for precision in ("bf16", "fp16"):
-        r = run_pretrain(small_config(shakespeare_shards, tmp_path, precision, steps=2, precision=precision))
+        r = run_pretrain(small_config(shakespeare_shards, tmp_path, precision, steps=1, precision=precision))
         assert r.summary["precision"] == precision and math.isfinite(r.final_loss)
 
 
@@ -291,3 +293,21 @@ def test_tensorboard_and_mlflow_receive_the_metrics(shakespeare_shards, tmp_path
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert run.data.params["train.max_steps"] == "3"
+
+
+def test_loss_chart_survives_infinite_and_nan_values(tmp_path):
+    from gptforge.train.metrics import MetricsLog, plot_metrics, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(50):
+        spike = step == 20
+        log.write({"step": step, "loss": float("nan") if spike else 5 - step / 20, "lr": 1e-3,
+                   "grad_norm": float("inf") if spike else 1.0 + (step % 7) / 3})
+        if step % 10 == 9:
+            log.write({"step": step, "val_loss": 5 - step / 25})
+    log.close()
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    (spiked,) = [r for r in recs if r["step"] == 20 and "loss" in r]
+    assert math.isinf(spiked["grad_norm"]) and math.isnan(spiked["loss"])
+    out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png", grad_clip=1.0)
+    assert out.stat().st_size > 10_000

@@ -1,5 +1,6 @@
 """AdamW parameter groups and learning-rate schedules."""
 
+import itertools
 import math
 
 import pytest
@@ -54,7 +55,7 @@ def test_cosine_warms_up_linearly_then_decays_to_min_lr():
     assert s.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert s.lr_at(110) == pytest.approx(0.1) and s.lr_at(500) == pytest.approx(0.1)
     lrs = [s.lr_at(i) for i in range(10, 110)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_constant_and_warmup_stable_decay():

@@ -55,7 +55,7 @@ def test_gpt2_163m_baseline_and_interventions_match_seed_004(capsys, monkeypatch
     class Args:
         name = init_from = micro_batch = None
         resume = fallback = False
-        overrides: list = []
+        overrides = ()
 
     for override, check in [("clip-3.5", lambda c: c.train.grad_clip == 3.5),
                             ("dropout-0", lambda c: c.model.dropout == 0.0),

@@ -57,5 +57,5 @@ def run(args) -> int:
     if args.dry_run:
         dry_run(cfg)
         return 0
-    result = run_pretrain(cfg)
+    run_pretrain(cfg)  # a SIGTERM/SIGINT stop also ends normally, after its checkpoint
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, GPTConfig, PRESETS, flops_per_token
+from gptforge.model import GPT, PRESETS, GPTConfig, flops_per_token
 
 # ---- configuration -------------------------------------------------------------------------------------------
 
@@ -359,40 +359,41 @@ def find_micro_batch(model: GPT, per_rank_batch: int, seq_len: int, precision: s
     divisors = [d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0]
     if device.type != "cuda":
         avail = _available_ram()
-        fits = [d for d in divisors if training_memory(model.config, d, seq_len, precision).total <= avail / 2]
-        chosen = fits[-1] if fits else 1
+        fitting = [d for d in divisors if training_memory(model.config, d, seq_len, precision).total <= avail / 2]
+        chosen = fitting[-1] if fitting else 1
         log(f"micro-batch auto (no CUDA, memory estimate vs {human_bytes(avail)} free RAM): {chosen}")
         return chosen
     from gptforge.train.optim import configure_optimizer
 
-    opt = configure_optimizer(model, lr=0.0, weight_decay=0.0)
+    trial_opt = configure_optimizer(model, lr=0.0, weight_decay=0.0)  # LR 0: allocates state, moves nothing
+    gen = torch.Generator(device=device).manual_seed(0)  # private: the training RNG stays untouched
 
-    def fits(mb: int) -> bool:
+    def runs(mb: int) -> bool:
         try:
             for _ in range(2):
-                x = torch.randint(0, model.config.vocab_size, (mb, seq_len), device=device)
+                x = torch.randint(0, model.config.vocab_size, (mb, seq_len), device=device, generator=gen)
                 with autocast_context(precision, device):
                     _, loss = model(x, x)
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                trial_opt.step()
+                trial_opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize(device)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
-            opt.zero_grad(set_to_none=True)
+            trial_opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     lo, hi = 0, len(divisors) - 1
     best = None
     while lo <= hi:
         mid = (lo + hi) // 2
-        if fits(divisors[mid]):
+        if runs(divisors[mid]):
             best, lo = divisors[mid], mid + 1
         else:
             hi = mid - 1
-    del opt
+    trial_opt.state.clear()
     torch.cuda.empty_cache()
     if best is None:
         raise GptforgeError(f"out of GPU memory even at micro-batch 1 × {seq_len} tokens; use a smaller model, "
@@ -838,11 +839,12 @@ def _train(cfg: PretrainConfig, info, say, stop: _StopFlag) -> PretrainResult:
 
         done = state["step"] == end_step
         stop_now = D.any_rank(stop.signal is not None, info)
-        if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or stop_now:
-            if len(val):
-                last_val = evaluate_loss(train_model if strategy == "fsdp" else bare, val, plan.micro_batch,
-                                         precision, device, info)
-                record["val_loss"] = last_val
+        if len(val) and ((cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or stop_now):
+            # no activations are kept for backward, so evaluation can take bigger batches than training
+            eval_batch = plan.micro_batch * min(4, plan.grad_accum * 2)
+            last_val = evaluate_loss(train_model if strategy == "fsdp" else bare, val, eval_batch,
+                                     precision, device, info)
+            record["val_loss"] = last_val
         if info.is_main:
             metrics.write(record)
             for t in trackers:
