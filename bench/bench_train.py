@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         r = bench_pair(args, prec, comp)
         results["runs"].append(r)
         t = r["tokens_per_s"]
-        print(f"{prec:<10}{str(comp):<9}{t['gptforge']:>12,.0f}{t['transformers']:>14,.0f}{r['speedup']:>7.2f}×")
+        print(f"{prec:<10}{comp!s:<9}{t['gptforge']:>12,.0f}{t['transformers']:>14,.0f}{r['speedup']:>7.2f}×")
     if args.full_loop:
         fl = full_loop(args)
         results["full_loop"] = fl

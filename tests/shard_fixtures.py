@@ -23,7 +23,7 @@ def write_dataset(out: Path, tokenizer, text: str, val_fraction: float = 0.1, tr
     tokenizer.save(out / "tokenizer")
     manifest = {"tokenizer": {"name": tokenizer.name, "hash": tokenizer.content_hash(),
                               "vocab_size": tokenizer.vocab_size},
-                "splits": {"train": {"tokens": int(len(train))}, "val": {"tokens": int(len(val))}}}
+                "splits": {"train": {"tokens": len(train)}, "val": {"tokens": len(val)}}}
     (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return out
 
@@ -43,7 +43,7 @@ def train_small_bpe(text: str, vocab_size: int = 512):
     return BPETokenizer(tok, name="shakespeare-bpe")
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

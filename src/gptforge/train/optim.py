@@ -15,7 +15,7 @@ from torch import nn
 
 from gptforge.errors import GptforgeError
 
-__all__ = ["configure_optimizer", "param_groups", "LRSchedule", "set_lr"]
+__all__ = ["LRSchedule", "configure_optimizer", "param_groups", "set_lr"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
