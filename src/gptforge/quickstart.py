@@ -262,7 +262,7 @@ def _write_report(cfg: QuickstartConfig, out: Path, s: dict) -> None:
     r.heading("Stages")
     r.table(["stage", "seconds", "result"], [
         ["tokenizer", s["timings"].get("tokenizer"), f"byte-level BPE, vocab {s['tokenizer'].get('vocab_size')}"],
-        ["data", s["timings"].get("data"), f"tokens {s['data'].get('tokens')}"],
+        ["data", s["timings"].get("data"), _token_counts(s["data"].get("tokens"))],
         ["pretrain", s["timings"].get("pretrain"), f"{s['pretrain'].get('steps')} steps, "
                                                    f"{s['pretrain'].get('tokens')} tokens"],
         ["sft", s["timings"].get("sft"), f"{s['sft'].get('steps')} steps"],
@@ -321,6 +321,12 @@ def _commands(cfg: QuickstartConfig, out: Path) -> list[str]:
         f"gptforge serve --checkpoint {out}/sft --port 8000",
         f"gptforge export --checkpoint {out}/sft --out {out}/hf",
     ]
+
+
+def _token_counts(tokens) -> str:
+    if isinstance(tokens, dict):
+        return " / ".join(f"{v:,} {k}" for k, v in tokens.items()) + " tokens"
+    return f"{tokens} tokens"
 
 
 def _f(x) -> str:
