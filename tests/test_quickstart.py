@@ -1,0 +1,52 @@
+"""The main job end to end, in its seconds-long smoke variant, on the real default data."""
+
+import json
+
+import pytest
+
+from gptforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    assert main(["quickstart", "--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_quickstart_writes_report_with_numbers_charts_and_commands(smoke_run):
+    md = (smoke_run / "report.md").read_text()
+    html = (smoke_run / "report.html").read_text()
+    for heading in ("Pretraining", "Instruction fine-tuning", "Evaluation", "Samples", "Reproduce or continue"):
+        assert f"## {heading}" in md
+    assert "gptforge chat --checkpoint" in md and "gptforge export" in md and "gptforge serve" in md
+    assert "![pretraining" in md and (smoke_run / "pretrain" / "loss.png").is_file()
+    assert html.count("data:image/png;base64,") >= 2 and "<img" in html and 'src="' in html
+    assert "loss.png" not in html  # self-contained: no links to files beside it
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    ev = summary["eval"]["pretrain"]
+    assert 0 < ev["loss"] < 7 and ev["bits_per_byte"] > 0 and ev["hellaswag_items"] == 12
+    assert summary["sft"]["best_val_loss"] < summary["sft"]["initial_val_loss"]
+    assert summary["pretrain"]["final_val_loss"] < 6.2  # ln(512) = 6.24 at initialisation
+
+
+def test_rerun_skips_completed_stages(smoke_run, capsys):
+    assert main(["quickstart", "--smoke", "--out", str(smoke_run)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "samples"):
+        assert f"[{stage}] up to date, skipping" in out
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["skipped"] == ["tokenizer", "data", "pretrain", "sft", "eval", "samples"]
+
+
+def test_changed_parameter_reruns_that_stage_and_downstream(smoke_run, capsys):
+    assert main(["quickstart", "--smoke", "--out", str(smoke_run), "--hellaswag_items=8"]) == 0
+    out = capsys.readouterr().out
+    assert "[pretrain] up to date" in out and "[eval] running" in out
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["eval"]["sft"]["hellaswag_items"] == 8
+
+
+def test_unknown_override_is_a_clear_error(tmp_path, capsys):
+    assert main(["quickstart", "--smoke", "--out", str(tmp_path / "x"), "--pretrain_stepz=3"]) == 2
+    assert "unknown key quickstart.pretrain_stepz" in capsys.readouterr().err
