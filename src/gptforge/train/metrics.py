@@ -42,7 +42,7 @@ def device_peak_flops(device: torch.device, precision: str = "bf16") -> tuple[fl
 _CPU_PEAK: float | None = None
 
 
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 12) -> float:
     """Best-of-``repeats`` fp32 matmul throughput on this CPU with the current thread count (cached)."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
