@@ -50,3 +50,12 @@ def test_changed_parameter_reruns_that_stage_and_downstream(smoke_run, capsys):
 def test_unknown_override_is_a_clear_error(tmp_path, capsys):
     assert main(["quickstart", "--smoke", "--out", str(tmp_path / "x"), "--pretrain_stepz=3"]) == 2
     assert "unknown key quickstart.pretrain_stepz" in capsys.readouterr().err
+
+
+def test_offline_without_data_names_the_missing_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTFORGE_OFFLINE", "1")
+    assert main(["quickstart", "--smoke", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "tinyshakespeare.txt" in err and str(tmp_path / "empty") in err

@@ -114,7 +114,7 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [str(resolve(name)) for name in cfg.corpus]
+    corpus = _resolve_corpus(cfg.corpus, say)
     instructions = str(resolve(cfg.instructions))
     hellaswag = str(resolve(cfg.hellaswag))
     stages = Stages(out, say)
@@ -143,6 +143,26 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
     _write_report(cfg, out, summary)
     say(_closing_paragraph(out, summary))
     return summary
+
+
+def _resolve_corpus(names: list[str], say: Callable[[str], None]) -> list[str]:
+    """Local paths of the corpus datasets; a hub-only corpus without a local copy is skipped when online
+    (streaming all of TinyStories would not fit the quickstart's budget), an error offline."""
+    from gptforge.data import registry
+
+    paths = []
+    for name in names:
+        try:
+            paths.append(str(registry.resolve(name)))
+        except GptforgeError:
+            entry = registry.DATASETS.get(registry.ALIASES.get(name, name))
+            if entry is None or not entry.streamable or registry.is_offline():
+                raise
+            say(f"[quickstart] {name}: no local copy under $GPTFORGE_DATA_DIR/{entry.relpath}; skipped "
+                "(streaming the whole hub dataset would not fit the quickstart)")
+    if not paths:
+        raise GptforgeError("no corpus for the quickstart: set GPTFORGE_DATA_DIR or pass --corpus=[FILE, ...]")
+    return paths
 
 
 # ---- stages ------------------------------------------------------------------------------------------------
