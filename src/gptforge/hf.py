@@ -14,7 +14,7 @@ import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
-from gptforge.tokenizer import EOT, PAD, BPETokenizer, Tokenizer, TiktokenTokenizer
+from gptforge.tokenizer import EOT, PAD, BPETokenizer, Tokenizer, TiktokenTokenizer, bytes_to_unicode
 
 # Hugging Face GPT-2 uses Conv1D (weight stored as in×out); these need a transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -111,7 +111,7 @@ def tiktoken_ranks_to_hf(ranks: dict[bytes, int], special_tokens: dict[str, int]
 
     from gptforge.tokenizer import GPT2_PATTERN
 
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     to_str = lambda b: "".join(byte_map[x] for x in b)  # noqa: E731
     vocab = {to_str(tok): rank for tok, rank in ranks.items()}
     merges = []
@@ -147,19 +147,6 @@ def _last_merge(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[b
     if len(parts) != 2:
         raise GptforgeError(f"tiktoken ranks are not a BPE merge list (token {token!r})")
     return parts[0], parts[1]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def export_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
