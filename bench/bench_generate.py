@@ -11,8 +11,10 @@ included) and checks that both produce the same tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -47,14 +49,16 @@ def build_models(preset: str):
     return ours, hf
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Warm each function up once, then time ``repeats`` interleaved rounds (A B, B A, ...): seconds per round."""
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    times: dict = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            t0 = time.perf_counter()
+            outs[name] = fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, outs
 
 
 def main() -> None:
@@ -63,8 +67,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +84,8 @@ def main() -> None:
           f"torch {torch.__version__}\n")
     print("| model | batch | gptforge tok/s | HF generate tok/s | speed-up | identical tokens |")
     print("|---|---:|---:|---:|---:|:---:|")
+    results = {"threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, "new_tokens": n,
+               "repeats": args.repeats, "runs": []}
     for preset in args.presets.split(","):
         ours, hf = build_models(preset)
         engine = Engine(ours, tok)
@@ -99,12 +106,19 @@ def main() -> None:
                                       do_sample=False, pad_token_id=tok.eot_id)
                 return out[:, width:].tolist()
 
-            t_ours, ids_ours = time_it(run_ours, args.repeats)
-            t_hf, ids_hf = time_it(run_hf, args.repeats)
+            times, outs = time_interleaved({"gptforge": run_ours, "transformers": run_hf}, args.repeats)
+            ids_ours, ids_hf = outs["gptforge"], outs["transformers"]
             same = sum(a == b for a, b in zip(ids_ours, ids_hf))
-            tps_ours, tps_hf = batch * n / t_ours, batch * n / t_hf
+            rates = {k: [batch * n / t for t in v] for k, v in times.items()}
+            tps_ours, tps_hf = statistics.median(rates["gptforge"]), statistics.median(rates["transformers"])
+            results["runs"].append({"preset": preset, "params_m": ours.num_params() / 1e6, "batch": batch,
+                                    "tokens_per_s": {"gptforge": tps_ours, "transformers": tps_hf},
+                                    "rounds": rates, "speedup": tps_ours / tps_hf, "identical": same})
             print(f"| {label} | {batch} | {tps_ours:,.0f} | {tps_hf:,.0f} | {tps_ours / tps_hf:.2f}× | {same}/{batch} |",
                   flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

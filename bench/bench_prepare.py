@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4, help="copies of the 2.4 MB corpus")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="interleaved rounds (baseline, prepare per worker count; order reversed every other round); "
+                         "the median seconds are reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "prepare.json"))
     args = ap.parse_args()
     data_dir = Path(os.environ.get("GPTFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -117,16 +121,28 @@ def main() -> None:
                 "load_avg": os.getloadavg(),
             },
             "corpus": {"files": FILES, "repeat": args.repeat, "bytes": nbytes},
-            "baseline_tiktoken_loop": baseline(paths),
-            "prepare": {},
+            "rounds": args.rounds,
         }
+        runs: dict[str, list[dict]] = {"baseline": []} | {str(w): [] for w in args.workers}
         shards = None
-        for w in args.workers:
-            r = run_prepare(paths, w, tmp / f"out_w{w}")
-            if shards is not None and r["shards"] != shards:
-                raise SystemExit(f"workers={w} produced different shards than workers={args.workers[0]}")
-            shards = r.pop("shards")
-            results["prepare"][str(w)] = r
+        for rnd in range(args.rounds):
+            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            for key in order:
+                if key == "baseline":
+                    runs[key].append(baseline(paths))
+                    continue
+                r = run_prepare(paths, int(key), tmp / f"out_w{key}")
+                if shards is not None and r["shards"] != shards:
+                    raise SystemExit(f"workers={key} produced different shards than another worker count")
+                shards = r.pop("shards")
+                runs[key].append(r)
+
+        def median_run(rs: list[dict]) -> dict:
+            secs = [r["seconds"] for r in rs]
+            return {"seconds": statistics.median(secs), "tokens": rs[0]["tokens"], "seconds_rounds": secs}
+
+        results["baseline_tiktoken_loop"] = median_run(runs["baseline"])
+        results["prepare"] = {str(w): median_run(runs[str(w)]) for w in args.workers}
         results["bpe_train"] = train_time(data_dir, args.vocab)
 
     base = results["baseline_tiktoken_loop"]

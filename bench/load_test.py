@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for the server (0 = default)")
+    parser.add_argument("--out", default=None, help="also write the summary as JSON here")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -172,6 +173,15 @@ def main() -> int:
           f"| {failures} | {percentile(latencies, 50):.2f} s | {percentile(latencies, 99):.2f} s "
           f"| {tokens / wall:,.0f} | {wall:.1f} s |")
     by_kind = Counter(r[0] for r in results)
+    if args.out:
+        summary = {"requests": len(results), "valid": sum(r[4] for r in results), "concurrency": args.concurrency,
+                   "model": checkpoint if args.checkpoint else f"{args.preset} (random)", "threads": args.threads,
+                   "status_codes": dict(codes), "failures": failures, "unexpected": len(wrong),
+                   "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+                   "generated_tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall,
+                   "by_kind": dict(by_kind)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print("\nper kind: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))
     if wrong:
         print(f"\n{len(wrong)} request(s) got an unexpected status (valid↔non-200): "
