@@ -311,3 +311,14 @@ def test_loss_chart_survives_infinite_and_nan_values(tmp_path):
     assert math.isinf(spiked["grad_norm"]) and math.isnan(spiked["loss"])
     out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png", grad_clip=1.0)
     assert out.stat().st_size > 10_000
+
+
+def test_hellaswag_hook_logs_accuracy_on_a_fixed_subset(shakespeare_shards, tmp_path, data_dir):
+    cfg = small_config(shakespeare_shards, tmp_path, steps=4)
+    cfg.eval.hellaswag_interval = 2
+    cfg.eval.hellaswag_items = 8
+    run_pretrain(cfg)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "hellaswag_acc" in r]
+    assert [r["step"] + 1 for r in scored] == [2, 4]  # records carry the 0-based step index
+    assert all(r["hellaswag_n"] == 8 and 0 <= r["hellaswag_acc_norm"] <= 1 for r in scored)

@@ -99,6 +99,9 @@ class EvalSection:
     sample_tokens: int = 64
     temperature: float = 0.8
     top_k: int = 50
+    hellaswag_interval: int = 0  # HellaSwag accuracy on a fixed subset every N steps (0: off)
+    hellaswag_items: int = 200  # size of that subset (the first N validation items)
+    hellaswag_data: str | None = None  # rowanz jsonl; default: the data dir's copy, else the hub
 
 
 @dataclass
@@ -768,6 +771,12 @@ def _train(cfg: PretrainConfig, info, say, stop: _StopFlag) -> PretrainResult:
         D.barrier(info)
         return path
 
+    hellaswag_items = None  # rank 0 scores a fixed subset; skipped under FSDP (the weights are sharded)
+    if cfg.eval.hellaswag_interval and info.is_main and not (strategy == "fsdp" and info.enabled):
+        from gptforge.eval.tasks import load_hellaswag
+
+        hellaswag_items = load_hellaswag(cfg.eval.hellaswag_data, limit=cfg.eval.hellaswag_items)
+
     def write_samples(step: int) -> None:
         if not info.is_main or (strategy == "fsdp" and info.enabled):
             return
@@ -845,6 +854,10 @@ def _train(cfg: PretrainConfig, info, say, stop: _StopFlag) -> PretrainResult:
             last_val = evaluate_loss(train_model if strategy == "fsdp" else bare, val, eval_batch,
                                      precision, device, info)
             record["val_loss"] = last_val
+        if hellaswag_items and (state["step"] % cfg.eval.hellaswag_interval == 0 or done):
+            from gptforge.eval.choice import hellaswag_hook
+
+            record.update(hellaswag_hook(bare, tokenizer, hellaswag_items))
         if info.is_main:
             metrics.write(record)
             for t in trackers:
