@@ -188,8 +188,9 @@ def measured(entry: dict | None) -> str:
     if not entry:
         return "_not measured in this suite run_"
     status = "" if entry["rc"] == 0 else f", exit status {entry['rc']}"
-    return (f"_Measured {entry['started']} with `{entry['command']}` ({entry['seconds']:.0f} s, "
-            f"{entry['threads']} torch threads{status})._")
+    command = entry["command"].replace(str(ROOT) + os.sep, "")
+    threads = "" if "bench_prepare" in command else f", {entry['threads']} torch threads"
+    return f"_Measured {entry['started']} with `{command}` ({entry['seconds']:.0f} s{threads}{status})._"
 
 
 def section_train(suite: dict) -> list[str]:
@@ -224,11 +225,17 @@ def section_train(suite: dict) -> list[str]:
             continue
         for r in data["runs"]:
             t, rounds = r["tokens_per_s"], r["rounds"]
+            goal = "probe (1 step, see note)" if "bf16" in key else verdict(r["speedup"], GOALS["train"])
             lines.append(f"| {label} | {r['precision']}{' + compile' if r['compile'] else ''} "
                          f"| {t['gptforge']:,.0f} ({spread(rounds['gptforge'])}) "
                          f"| {t['transformers']:,.0f} ({spread(rounds['transformers'])}) "
-                         f"| {r['speedup']:.2f}× | {verdict(r['speedup'], GOALS['train'])} |")
+                         f"| {r['speedup']:.2f}× | {goal} |")
         c = data["config"]
+        if "bf16" in key:
+            notes.append("bf16 row: a probe, not a headline — one step per model without warm-up (each step takes"
+                         " tens of seconds). This CPU has no native bf16 matmul (no AVX512-BF16 / AMX), so bf16"
+                         " autocast is far slower than fp32 for both libraries (compare the rows); measure bf16 on a GPU or a"
+                         " bf16-capable CPU.")
         notes.append(f"{label}: {c['rounds']} rounds × {c['steps']} steps after {c['warmup']} warm-up step(s), "
                      f"{data['machine']['torch_threads']} torch threads. " + measured(entry))
     lines += [""] + [f"- {n}" for n in notes] + [""]
@@ -426,6 +433,24 @@ def summary_table(suite: dict) -> list[str]:
     return ["## Summary", "", "| benchmark | gptforge | peer | ratio | goal |", "|---|---:|---:|---:|---|", *rows, ""]
 
 
+NOTES = """## Reading the numbers (2-core AVX2 CPU, fp32)
+
+- Where the goals are missed, both sides run the same fp32 matmul kernels and those dominate: a tiny training
+  step is ~75 % `mm`/`addmm` + SDPA for both libraries (torch.profiler), and decoding with the GPT-2 vocabulary
+  reads the 50,257-row LM head every token (memory-bound, ~1.3 ms per token at batch 1 for both). gptforge
+  wins only the overheads: tanh-GELU as one kernel instead of HF's composed `gelu_new` (mul/pow/tanh, ~10 % of
+  HF's step), no attention-mask construction, a preallocated KV cache, LM head only on the positions needed.
+  That gives 1.2–1.4× at small sizes and ~1.0–1.3× at 124M; ≥ 1.7× (training) or ≥ 2× (generation) is not
+  reachable here without changing numerics (bf16 has no native matmul on this CPU, see above).
+- Data preparation: the 2-worker run shares 2 cores with the main process (read, split, route, sha256, write),
+  so it cannot approach 2× here; `prepare` with 1 worker does more than the baseline loop (routing, writing
+  shards with checksums, manifest) and is slower than it.
+- Re-runs on a shared VM host vary: an earlier suite run the same evening (nothing else running inside the
+  VM) measured 2.5–3× lower absolute figures for training (e.g. 952 vs 3,094 tokens/s tiny, 44 vs 111 at
+  124M) while the ratios stayed similar (1.18×, 1.06×). Compare ratios, not absolute numbers, across runs.
+""".splitlines()
+
+
 def render(suite: dict) -> str:
     m, v = machine_info(), versions()
     threads = sorted({e.get("threads") for e in suite.values() if e.get("threads")})
@@ -439,12 +464,15 @@ def render(suite: dict) -> str:
              "- GPU: none" if not _has_cuda() else "- GPU: yes (see per-benchmark device)",
              f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
              f"- Torch threads: {', '.join(map(str, threads)) or '?'} for both gptforge and its peer in every"
-             " comparison (set with `--threads` / `OMP_NUM_THREADS`); the machine was otherwise idle.",
+             " comparison (set with `--threads` / `OMP_NUM_THREADS`). No other jobs ran in this VM during the"
+             " suite, but the 2-core VM shares its host: rounds are interleaved so both sides see the same"
+             " conditions, and the spreads show how stable each measurement was.",
              ""]
     lines += summary_table(suite)
     for section in (section_train, section_generate, section_prepare, section_eval, section_sft, section_load,
                     section_quickstart):
         lines += section(suite)
+    lines += NOTES
     return "\n".join(lines).rstrip() + "\n"
 
 
