@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gptforge.commands import add_parser
 
-EXAMPLE = ("gptforge classify --checkpoint runs/base --data ../shared/data/classify/SMSSpamCollection "
+EXAMPLE = ("gptforge classify --checkpoint runs/base --data $GPTFORGE_DATA_DIR/classify/SMSSpamCollection "
            "--name spam --balance --trainable last_blocks --epochs 5\n"
            "  gptforge classify predict --checkpoint runs/spam --text \"You won a free prize! Call now\"")
 

@@ -5,7 +5,7 @@ from gptforge.commands import add_parser
 
 def register(sub) -> None:
     p = add_parser(sub, "quickstart", "run the whole journey on the default data (about 10 minutes on 2 CPU cores)",
-                   "GPTFORGE_DATA_DIR=../shared/data gptforge quickstart", accepts_overrides=True)
+                   "GPTFORGE_DATA_DIR=/path/to/data gptforge quickstart", accepts_overrides=True)
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--fresh", action="store_true", help="delete earlier outputs and start over")
     p.add_argument("--smoke", action="store_true", help="a seconds-long variant with tiny sizes (for tests)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gptforge.commands import add_parser
 
-EXAMPLE = ("gptforge sft --checkpoint runs/base --data ../shared/data/instruct/instruction-data.json "
+EXAMPLE = ("gptforge sft --checkpoint runs/base --data $GPTFORGE_DATA_DIR/instruct/instruction-data.json "
            "--name sft-demo --epochs 2 --neftune-alpha 5 --patience 3")
 
 
