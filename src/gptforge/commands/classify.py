@@ -46,33 +46,18 @@ def register(sub) -> None:
 
 
 def cli_overrides(args) -> dict:
-    from gptforge.errors import GptforgeError
+    """The explicitly given flags as a nested override dict (they win over the recipe)."""
+    from gptforge.commands import flag_overrides, parse_fractions
 
-    o: dict = {}
-
-    def put(section: str | None, key: str, value) -> None:
-        if value is not None:
-            (o.setdefault(section, {}) if section else o)[key] = value
-
-    put(None, "checkpoint", args.checkpoint)
-    put(None, "name", args.name)
-    put(None, "out_dir", args.out_dir)
-    put(None, "device", args.device)
-    put("data", "path", args.data)
-    put("data", "text_column", args.text_column)
-    put("data", "label_column", args.label_column)
-    put("data", "balance", args.balance)
-    put("data", "skip_bad", args.skip_bad)
-    put("data", "limit", args.limit)
-    put("data", "max_len", args.max_len)
+    fields = {"checkpoint": "checkpoint", "name": "name", "out_dir": "out_dir", "device": "device",
+              "data.path": "data", "data.text_column": "text_column", "data.label_column": "label_column",
+              "data.balance": "balance", "data.skip_bad": "skip_bad", "data.limit": "limit",
+              "data.max_len": "max_len"}
+    fields.update({f"train.{k}": k for k in ("trainable", "last_k", "epochs", "max_steps", "batch_size",
+                                             "lr")})
+    o = flag_overrides(args, fields)
     if args.split:
-        try:
-            put("data", "split", [float(x) for x in args.split.split(",")])
-        except ValueError:
-            raise GptforgeError(f"--split expects three comma-separated fractions like 0.7,0.1,0.2, "
-                                f"got {args.split!r}") from None
-    for key in ("trainable", "last_k", "epochs", "max_steps", "batch_size", "lr"):
-        put("train", key, getattr(args, key))
+        o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.7,0.1,0.2")
     return o
 
 

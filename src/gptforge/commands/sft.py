@@ -45,38 +45,20 @@ def register(sub) -> None:
 
 def cli_overrides(args) -> dict:
     """The explicitly given flags as a nested override dict (they win over the recipe)."""
-    from gptforge.errors import GptforgeError
+    from gptforge.commands import flag_overrides, parse_fractions
 
-    o: dict = {}
-
-    def put(section: str | None, key: str, value) -> None:
-        if value is not None:
-            (o.setdefault(section, {}) if section else o)[key] = value
-
-    put(None, "checkpoint", args.checkpoint)
-    put(None, "name", args.name)
-    put(None, "out_dir", args.out_dir)
-    put(None, "device", args.device)
-    put("data", "sources", args.data)
-    put("data", "format", args.format)
-    put("data", "skip_bad", args.skip_bad)
-    put("data", "style", args.style)
-    put("data", "train_on", args.train_on)
-    put("data", "max_len", args.max_len)
-    put("data", "overlength", args.overlength)
-    put("data", "batching", args.batching)
-    put("data", "limit", args.limit)
+    fields = {"checkpoint": "checkpoint", "name": "name", "out_dir": "out_dir", "device": "device",
+              "data.sources": "data", "data.format": "format", "data.skip_bad": "skip_bad", "data.style": "style",
+              "data.train_on": "train_on", "data.max_len": "max_len", "data.overlength": "overlength",
+              "data.batching": "batching", "data.limit": "limit",
+              "generate.max_new_tokens": "max_new_tokens"}
+    fields.update({f"train.{k}": k for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
+                                             "neftune_alpha", "patience", "eval_every")})
+    o = flag_overrides(args, fields)
     if args.split:
-        try:
-            put("data", "split", [float(x) for x in args.split.split(",")])
-        except ValueError:
-            raise GptforgeError(f"--split expects three comma-separated fractions like 0.85,0.05,0.10, "
-                                f"got {args.split!r}") from None
-    for key in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "neftune_alpha", "patience", "eval_every"):
-        put("train", key, getattr(args, key))
-    put("generate", "max_new_tokens", args.max_new_tokens)
+        o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.85,0.05,0.10")
     if args.no_test_responses:
-        put("generate", "enabled", False)
+        o.setdefault("generate", {})["enabled"] = False
     return o
 
 
