@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptforge.charts import save_figure
 from gptforge.data import shards as shardfmt
 from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources
 from gptforge.errors import GptforgeError
@@ -748,10 +749,7 @@ def plot_histogram(manifest: dict, path: Path) -> None:
     docs = manifest["documents"]
     ax.set_title(f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def config_dict(cfg: PrepareConfig) -> dict:

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
 
 CACHE_FILE = "judge_cache.jsonl"
@@ -510,8 +511,4 @@ def plot_scores(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

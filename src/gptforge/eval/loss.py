@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
 
@@ -387,11 +388,7 @@ def plot_losses(results: list[dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_json(path: str | Path, obj) -> Path:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
 
@@ -371,10 +372,7 @@ def plot_classification(path: Path, train_points, val_points, title: str) -> Non
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------

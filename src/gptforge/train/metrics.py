@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from gptforge.charts import save_figure
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' datasheets.
 PEAK_BF16_FLOPS = {
@@ -161,11 +162,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 def format_duration(seconds: float) -> str:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, IGNORE_INDEX
 
@@ -301,10 +302,7 @@ def plot_losses(path: Path, train_points: list[tuple[int, float]], val_points: l
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 # ---- data --------------------------------------------------------------------------------------------------
