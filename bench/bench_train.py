@@ -111,7 +111,7 @@ def bench_pair(args, precision: str, compiled: bool) -> dict:
 def full_loop(args) -> dict:
     """``run_pretrain`` end to end on tinyshakespeare (4k BPE shards), same model shape, fp32."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from shard_fixtures import train_small_bpe, write_dataset
+    from _helpers import train_small_bpe, write_dataset
 
     from gptforge.train.pretrain import PretrainConfig, run_pretrain
 

@@ -4,8 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-from test_engine import tiny_model
-from test_serve import LiveServer
 
 from gptforge.engine import Engine
 from gptforge.serve.app import ServerSettings, create_app
@@ -16,9 +14,9 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 
 @pytest.fixture(scope="module")
-def live(data_dir):
-    model, tok = tiny_model(block_size=96)
-    server = LiveServer(create_app(Engine(model, tok), ServerSettings(model_name="tiny-chat")))
+def live(make_tiny_model, live_server):
+    model, tok = make_tiny_model(block_size=96)
+    server = live_server(create_app(Engine(model, tok), ServerSettings(model_name="tiny-chat")))
     yield server
     server.close()
 

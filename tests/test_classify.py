@@ -29,12 +29,7 @@ from gptforge.train.classify import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +112,10 @@ def test_freezing_modes(mode, expected):
 
 def test_spam_classifier_beats_the_majority_class_on_real_sms(tiny_gpt2, tmp_path, data_dir):
     config = load_config(ClassifyConfig, None, {
-        "checkpoint": str(tiny_gpt2), "out_dir": str(tmp_path), "name": "spam", "device": "cpu",
+        "base": str(tiny_gpt2), "out_dir": str(tmp_path), "name": "spam",
         "data": {"path": str(data_dir / "classify" / "SMSSpamCollection"), "balance": True, "max_len": 64},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "trainable": "all"},
+        "train": {"epochs": 1, "batch_size": 16, "trainable": "all", "device": "cpu", "precision": "fp32"},
+        "optim": {"lr": 1e-3},
     })
     result = run_classify(config, progress=False)
     val = result.metrics["val"]

@@ -2,9 +2,11 @@
 
 import hashlib
 import json
-import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -154,43 +156,60 @@ def test_peak_memory_does_not_grow_with_the_corpus(data_dir, tmp_path):
     assert large < small + 600_000, (small, large)
 
 
-def test_killed_prepare_resumes_from_last_shard_with_identical_bytes(corpus, tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "gptforge",
-        "data",
-        "prepare",
-        *corpus,
-        "--text-sep",
-        "blank",
-        "--workers",
-        "1",
-        "--shard-tokens",
-        "40000",
-        "--val-fraction",
-        "0.05",
-        "--buffer-mb",
-        "0.5",
-        "--no-progress",
-    ]
+def _wait_for_checkpointed_shard(out, proc, timeout: float = 120.0) -> bool:
+    """Poll until ``out``'s checkpoint lists a train shard that is on disk; False when ``proc`` ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            shards = json.loads((out / prep.STATE).read_text())["shards"]["train"]
+        except (OSError, ValueError):  # not written yet (the file is replaced atomically, never torn)
+            shards = []
+        if shards and all((out / s["name"]).is_file() for s in shards):
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"no checkpointed shard in {out} after {timeout:.0f}s")
+
+
+def test_killed_prepare_resumes_from_last_checkpoint_with_identical_bytes(data_dir, tmp_path):
+    """SIGKILL `gptforge data prepare` from outside just after its first checkpointed shard, then rerun it."""
+    sources = []
+    (tmp_path / "src").mkdir()
+    for i in range(3):  # 7.2 MB, ~1.9M tokens in ~460 shards: the run lasts long after its first shard
+        for name in ("tinyshakespeare.txt", "wikitext2-raw-test.txt"):
+            copy = shutil.copyfile(data_dir / "pretrain" / name, tmp_path / "src" / f"{i}_{name}")
+            sources.append(str(copy))
+    opts = ["--text-sep", "blank", "--shard-tokens", "4000", "--val-fraction", "0.05", "--buffer-mb", "0.5",
+            "--no-progress"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert subprocess.run(args + ["--out", str(ref)], capture_output=True).returncode == 0
-    env = {**os.environ, "GPTFORGE_PREPARE_KILL_AFTER_SHARDS": "10"}
-    killed = subprocess.run(args + ["--out", str(cut)], env=env, capture_output=True)
-    assert killed.returncode == -9  # SIGKILL right after train shard 10, before its checkpoint
-    assert not (cut / MANIFEST).exists() and (cut / prep.STATE).exists()
-    state = json.loads((cut / prep.STATE).read_text())
-    assert 0 < state["pieces_done"] and len(state["shards"]["train"]) == 9
-    # tinyshakespeare was finished: the resume skips it without reading, wikitext continues mid-file
-    assert [e["documents"] for e in state["source_ends"]] == [7222]
-    resume = [a if a != "1" else "2" for a in args]  # resume with 2 workers: still the same bytes
-    assert subprocess.run(resume + ["--out", str(cut)], capture_output=True).returncode == 0
+    assert main(["data", "prepare", *sources, *opts, "--workers", "1", "--out", str(ref)]) == 0
+    want = json.loads((ref / MANIFEST).read_text())
+    n_train = sum(s["split"] == "train" for s in want["shards"])
+    assert n_train > 400
+
+    argv = [sys.executable, "-m", "gptforge", "data", "prepare", *sources, *opts, "--workers", "1"]
+    proc = subprocess.Popen([*argv, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    saw_shard = _wait_for_checkpointed_shard(cut, proc)
+    proc.kill()
+    stderr = proc.communicate(timeout=60)[1].decode(errors="replace")
+    killed_mid_run = saw_shard and proc.returncode == -signal.SIGKILL and not (cut / MANIFEST).exists()
+    if killed_mid_run:
+        state = json.loads((cut / prep.STATE).read_text())
+        assert 0 < len(state["shards"]["train"]) < n_train and 0 < state["pieces_done"]
+        for s in state["shards"]["train"] + state["shards"]["val"]:  # checkpointed shards are final already
+            assert (cut / s["name"]).read_bytes() == (ref / s["name"]).read_bytes()
+
+    # the rerun resumes from the checkpoint, with 2 workers: still the same bytes
+    assert main(["data", "prepare", *sources, *opts, "--workers", "2", "--out", str(cut)]) == 0
     assert _shard_bytes(cut) == _shard_bytes(ref)
-    got, want = (json.loads((d / MANIFEST).read_text()) for d in (cut, ref))
+    got = json.loads((cut / MANIFEST).read_text())
     for key in ("tokens", "documents", "sources", "shards", "bytes", "doc_length_histogram"):
         assert got[key] == want[key], key
-    assert not list(cut.glob(".prepare*"))
+    assert not list(cut.glob(".prepare*")) and not list(cut.glob(".*.tmp"))
+    assert killed_mid_run, f"the run was not killed mid-run (exit {proc.returncode}): {stderr[-2000:]}"
 
 
 def test_max_tokens_budget_is_exact(corpus, tmp_path):

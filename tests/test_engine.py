@@ -7,33 +7,15 @@ import torch
 
 from gptforge.engine import Completion, Engine, SamplingParams
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, GPTConfig
 from gptforge.sampling import process_logits, row_settings
-from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
+from gptforge.tokenizer import IM_END, IM_START
 
 PROMPTS = ["The verdict was", "It had always been his fate to", "Yes", "Mrs. Gisburn said that the picture"]
 
 
-def tiny_model(seed: int = 0, block_size: int = 96, chat_tokens: bool = True):
-    """A 2-layer GPT over the real GPT-2 vocabulary (+ chat tokens), with weights large enough that
-    greedy choices are never near-ties (so float rounding cannot flip an argmax)."""
-    tok = TiktokenTokenizer()
-    if chat_tokens:
-        tok.add_special_tokens([IM_START, IM_END])
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval(), tok
-
-
 @pytest.fixture(scope="module")
-def engine(data_dir):
-    model, tok = tiny_model()
+def engine(make_tiny_model):
+    model, tok = make_tiny_model()
     return Engine(model, tok)
 
 
@@ -219,8 +201,8 @@ def test_on_token_false_cancels_only_that_row(engine):
     assert len(out[1].token_ids) == 8
 
 
-def test_prompt_longer_than_context_is_a_clear_error_or_slides(data_dir):
-    model, tok = tiny_model(block_size=32)
+def test_prompt_longer_than_context_is_a_clear_error_or_slides(make_tiny_model):
+    model, tok = make_tiny_model(block_size=32)
     long_prompt = list(range(100, 140))
     with pytest.raises(GptforgeError, match="context is 32"):
         Engine(model, tok).generate([long_prompt], greedy(4))
@@ -228,14 +210,14 @@ def test_prompt_longer_than_context_is_a_clear_error_or_slides(data_dir):
     assert c.prompt_ids == long_prompt[-28:] and len(c.token_ids) == 4
 
 
-def test_generation_stops_at_the_context_limit(data_dir):
-    model, tok = tiny_model(block_size=32)
+def test_generation_stops_at_the_context_limit(make_tiny_model):
+    model, tok = make_tiny_model(block_size=32)
     c = Engine(model, tok).generate([list(range(100, 125))], greedy(50))[0]
     assert len(c.prompt_ids) + len(c.token_ids) == 32 and c.finish_reason == "length"
 
 
-def test_short_prompt_in_batch_with_long_one_keeps_its_own_budget(data_dir):
-    model, tok = tiny_model(block_size=32)
+def test_short_prompt_in_batch_with_long_one_keeps_its_own_budget(make_tiny_model):
+    model, tok = make_tiny_model(block_size=32)
     out = Engine(model, tok).generate([list(range(100, 125)), [100, 101]], greedy(20))
     assert len(out[0].token_ids) == 7 and len(out[1].token_ids) == 20
 
@@ -292,8 +274,8 @@ def test_chat_renders_template_and_stops_at_end_of_turn(engine):
     assert tok.special_tokens[IM_END] in engine.base_stop_ids
 
 
-def test_fit_messages_drops_oldest_turns_but_keeps_system(data_dir):
-    model, tok = tiny_model(block_size=64)
+def test_fit_messages_drops_oldest_turns_but_keeps_system(make_tiny_model):
+    model, tok = make_tiny_model(block_size=64)
     eng = Engine(model, tok)
     msgs = [{"role": "system", "content": "sys"}]
     for i in range(8):
@@ -320,8 +302,8 @@ def test_sampler_draws_from_the_processed_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
-def test_sampling_from_a_model_in_training_keeps_its_mode_and_dtype(data_dir):
-    model, tok = tiny_model()
+def test_sampling_from_a_model_in_training_keeps_its_mode_and_dtype(make_tiny_model):
+    model, tok = make_tiny_model()
     model.train()
     eng = Engine(model, tok)
     assert eng.generate(["Hi"], greedy(3))[0].token_ids

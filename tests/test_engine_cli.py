@@ -4,15 +4,14 @@ import io
 import json
 
 import pytest
-from test_engine import tiny_model
 
 from gptforge.checkpoint import save_model
 from gptforge.cli import main
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, data_dir):
-    model, tok = tiny_model(block_size=64)
+def ckpt(tmp_path_factory, make_tiny_model):
+    model, tok = make_tiny_model(block_size=64)
     return str(save_model(tmp_path_factory.mktemp("ckpt") / "step_0000010", model, tok))
 
 

@@ -1,10 +1,8 @@
 """The shard loader: shifted targets, disjoint data per rank, exact resume, epochs, a fixed validation slice."""
-# ruff: noqa: F811  (pytest fixtures imported from shard_fixtures are used as arguments)
 
 import numpy as np
 import pytest
 import torch
-from shard_fixtures import shakespeare_bpe, shakespeare_shards, shakespeare_text  # noqa: F401
 
 from gptforge.data.loader import TokenLoader, validation_windows
 from gptforge.data.shards import list_shards, read_shard

@@ -1,5 +1,4 @@
 """Pretraining engine: batch arithmetic, determinism, a real run, checkpoints, resume to the bit, trackers."""
-# ruff: noqa: F811  (pytest fixtures imported from shard_fixtures are used as arguments)
 
 import json
 import math
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from shard_fixtures import shakespeare_bpe, shakespeare_shards, shakespeare_text  # noqa: F401
 
 from gptforge.errors import GptforgeError
 from gptforge.model import preset
@@ -23,49 +21,10 @@ from gptforge.train.pretrain import PretrainConfig, compute_plan, run_pretrain
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_config(shards, out_dir, name="run", steps=6, **train) -> PretrainConfig:
-    cfg = PretrainConfig(name=name, out_dir=str(out_dir))
-    cfg.data.path = str(shards)
-    cfg.data.seq_len = 32
-    cfg.data.val_tokens = 2048
-    cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head = 2, 32, 2
-    cfg.train.max_steps = steps
-    cfg.train.micro_batch = 4
-    cfg.train.global_batch_seqs = 8
-    cfg.train.precision = "fp32"
-    cfg.optim.lr = 3e-3
-    cfg.optim.warmup_steps = 2
-    cfg.log.progress = False
-    cfg.log.plot = False
-    cfg.eval.sample_tokens = 8
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-m", "gptforge", "pretrain", *args], env=env, capture_output=True,
                           text=True, timeout=300, check=False, **kw)
-
-
-def cli_args(cfg: PretrainConfig) -> list[str]:
-    from gptforge.config import to_dict
-
-    flat = []
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif v is not None:
-                flat.append(f"--{prefix}{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}")
-    walk(to_dict(cfg))
-    return flat
 
 
 # ---- batch arithmetic ----------------------------------------------------------------------------------------
@@ -103,7 +62,8 @@ def test_training_length_from_epochs_or_tokens_per_param():
 
 # ---- training ------------------------------------------------------------------------------------------------
 
-def test_same_seed_gives_the_same_losses_and_another_seed_does_not(shakespeare_shards, tmp_path):
+def test_same_seed_gives_the_same_losses_and_another_seed_does_not(shakespeare_shards, tmp_path, small_config,
+                                                                   losses):
     a = run_pretrain(small_config(shakespeare_shards, tmp_path, "a", steps=3))
     b = run_pretrain(small_config(shakespeare_shards, tmp_path, "b", steps=3))
     c = run_pretrain(small_config(shakespeare_shards, tmp_path, "c", steps=3, seed=99))
@@ -112,7 +72,7 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(shakespeare_s
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_shakespeare_well_below_uniform(shakespeare_shards, tmp_path):
+def test_tiny_model_learns_shakespeare_well_below_uniform(shakespeare_shards, tmp_path, small_config):
     cfg = small_config(shakespeare_shards, tmp_path, "real", steps=200)
     cfg.model.preset, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head = "tiny", None, None, None
     cfg.data.seq_len, cfg.train.micro_batch, cfg.train.global_batch_seqs = 64, 16, 16
@@ -124,13 +84,13 @@ def test_tiny_model_learns_shakespeare_well_below_uniform(shakespeare_shards, tm
     assert r.best_val_loss == pytest.approx(min(r.final_val_loss, r.best_val_loss))
     recs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 200 and all("grad_norm" in x and "lr" in x and "tokens_per_s" in x for x in recs)
-    assert [x["step"] for x in recs if "val_loss" in x] == [99, 199]
+    assert [x["step"] for x in recs if "val_loss" in x] == [100, 200]
     assert (r.run_dir / "loss.png").stat().st_size > 10_000
     assert "## step 200" in (r.run_dir / "samples.md").read_text()
     assert r.summary["tokens"] == 200 * 16 * 64 and r.summary["skipped_steps"] == 0
 
 
-def test_checkpoint_layout_pointers_and_keep_last(shakespeare_shards, tmp_path):
+def test_checkpoint_layout_pointers_and_keep_last(shakespeare_shards, tmp_path, small_config):
     cfg = small_config(shakespeare_shards, tmp_path, steps=4)
     cfg.checkpoint.interval, cfg.checkpoint.keep_last, cfg.eval.interval = 1, 2, 2
     r = run_pretrain(cfg)
@@ -152,7 +112,8 @@ def test_checkpoint_layout_pointers_and_keep_last(shakespeare_shards, tmp_path):
     assert tok is not None and model.config.n_embd == 32
 
 
-def test_corrupt_checkpoint_is_refused_and_fallback_uses_the_previous_one(shakespeare_shards, tmp_path):
+def test_corrupt_checkpoint_is_refused_and_fallback_uses_the_previous_one(shakespeare_shards, tmp_path,
+                                                                          small_config, losses):
     cfg = small_config(shakespeare_shards, tmp_path, steps=2)
     cfg.checkpoint.interval = 1
     r = run_pretrain(cfg)
@@ -171,10 +132,11 @@ def test_corrupt_checkpoint_is_refused_and_fallback_uses_the_previous_one(shakes
     assert resumed.steps == 3 and len(losses(r.run_dir)) == 3
 
 
-def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards, tmp_path, monkeypatch):
-    import gptforge.train.pretrain as P
+def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards, tmp_path, monkeypatch,
+                                                              small_config):
+    import gptforge.train.core as core
 
-    real = P._grad_norm
+    real = core.clip_grad_norm
     calls = {"n": 0}
 
     def poisoned(params, clip):
@@ -183,7 +145,7 @@ def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards
             params[0].grad.fill_(float("nan"))
         return real(params, clip)
 
-    monkeypatch.setattr(P, "_grad_norm", poisoned)
+    monkeypatch.setattr(core, "clip_grad_norm", poisoned)
     r = run_pretrain(small_config(shakespeare_shards, tmp_path, steps=3))
     recs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in recs] == [False, True, False]
@@ -193,13 +155,13 @@ def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards
     assert all(torch.isfinite(t).all() for t in model.values())
 
 
-def test_bf16_autocast_and_fp16_grad_scaler_run_on_cpu(shakespeare_shards, tmp_path):
+def test_bf16_autocast_and_fp16_grad_scaler_run_on_cpu(shakespeare_shards, tmp_path, small_config):
     for precision in ("bf16", "fp16"):
         r = run_pretrain(small_config(shakespeare_shards, tmp_path, precision, steps=1, precision=precision))
         assert r.summary["precision"] == precision and math.isfinite(r.final_loss)
 
 
-def test_micro_batch_auto_on_cpu_picks_a_divisor_of_the_batch(shakespeare_shards, tmp_path):
+def test_micro_batch_auto_on_cpu_picks_a_divisor_of_the_batch(shakespeare_shards, tmp_path, small_config):
     cfg = small_config(shakespeare_shards, tmp_path, steps=1, micro_batch="auto", global_batch_seqs=12)
     logged = []
     r = run_pretrain(cfg, log=logged.append)
@@ -208,7 +170,7 @@ def test_micro_batch_auto_on_cpu_picks_a_divisor_of_the_batch(shakespeare_shards
     assert 12 % state["plan"]["micro_batch"] == 0 and state["plan"]["global_batch"] == 12
 
 
-def test_existing_run_is_not_silently_overwritten(shakespeare_shards, tmp_path):
+def test_existing_run_is_not_silently_overwritten(shakespeare_shards, tmp_path, small_config):
     run_pretrain(small_config(shakespeare_shards, tmp_path, steps=1))
     with pytest.raises(GptforgeError, match="--resume"):
         run_pretrain(small_config(shakespeare_shards, tmp_path, steps=1))
@@ -216,7 +178,8 @@ def test_existing_run_is_not_silently_overwritten(shakespeare_shards, tmp_path):
 
 # ---- resume to the bit, in fresh processes -------------------------------------------------------------------
 
-def test_resume_after_stop_gives_identical_losses_and_weights(shakespeare_shards, tmp_path):
+def test_resume_after_stop_gives_identical_losses_and_weights(shakespeare_shards, tmp_path, small_config,
+                                                              cli_args, losses):
     N = 3
     split = small_config(shakespeare_shards, tmp_path, "split", steps=2 * N)
     split.model.dropout = 0.1  # dropout masks depend on the restored RNG state
@@ -234,7 +197,7 @@ def test_resume_after_stop_gives_identical_losses_and_weights(shakespeare_shards
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_writes_a_final_checkpoint(shakespeare_shards, tmp_path):
+def test_sigterm_writes_a_final_checkpoint(shakespeare_shards, tmp_path, small_config, cli_args):
     cfg = small_config(shakespeare_shards, tmp_path, "preempted", steps=10_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", "pretrain", *cli_args(cfg)], env=env,
@@ -255,7 +218,8 @@ def test_sigterm_writes_a_final_checkpoint(shakespeare_shards, tmp_path):
 
 # ---- init from weights, trackers -----------------------------------------------------------------------------
 
-def test_init_from_a_checkpoint_or_hf_directory_continues_from_those_weights(shakespeare_shards, tmp_path):
+def test_init_from_a_checkpoint_or_hf_directory_continues_from_those_weights(shakespeare_shards, tmp_path,
+                                                                             small_config, losses):
     from gptforge.checkpoint import load_model
     from gptforge.hf import export_model
 
@@ -274,7 +238,7 @@ def test_init_from_a_checkpoint_or_hf_directory_continues_from_those_weights(sha
         assert first < fresh_first - 0.5 and abs(first - trained.final_loss) < 0.5
 
 
-def test_tensorboard_and_mlflow_receive_the_metrics(shakespeare_shards, tmp_path):
+def test_tensorboard_and_mlflow_receive_the_metrics(shakespeare_shards, tmp_path, small_config):
     cfg = small_config(shakespeare_shards, tmp_path, "tracked", steps=3)
     cfg.log.trackers = ["tensorboard", "mlflow"]
     r = run_pretrain(cfg)
@@ -282,7 +246,7 @@ def test_tensorboard_and_mlflow_receive_the_metrics(shakespeare_shards, tmp_path
 
     ea = EventAccumulator(str(r.run_dir / "tensorboard"))
     ea.Reload()
-    assert [e.step for e in ea.Scalars("loss")] == [0, 1, 2]
+    assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]
     assert ea.Scalars("loss")[-1].value == pytest.approx(r.final_loss, rel=1e-6)
 
     import mlflow
@@ -291,7 +255,7 @@ def test_tensorboard_and_mlflow_receive_the_metrics(shakespeare_shards, tmp_path
     exp = client.get_experiment_by_name("gptforge")
     (run,) = client.search_runs([exp.experiment_id])
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [1, 2, 3]
     assert run.data.params["train.max_steps"] == "3"
 
 
@@ -313,12 +277,12 @@ def test_loss_chart_survives_infinite_and_nan_values(tmp_path):
     assert out.stat().st_size > 10_000
 
 
-def test_hellaswag_hook_logs_accuracy_on_a_fixed_subset(shakespeare_shards, tmp_path, data_dir):
+def test_hellaswag_hook_logs_accuracy_on_a_fixed_subset(shakespeare_shards, tmp_path, data_dir, small_config):
     cfg = small_config(shakespeare_shards, tmp_path, steps=4)
     cfg.eval.hellaswag_interval = 2
     cfg.eval.hellaswag_items = 8
     run_pretrain(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in records if "hellaswag_acc" in r]
-    assert [r["step"] + 1 for r in scored] == [2, 4]  # records carry the 0-based step index
+    assert [r["step"] for r in scored] == [2, 4]  # records carry the number of steps completed
     assert all(r["hellaswag_n"] == 8 and 0 <= r["hellaswag_acc_norm"] <= 1 for r in scored)

@@ -1,5 +1,4 @@
 """``torchrun --nproc_per_node=2`` on CPU (gloo) matches one process with the same global batch."""
-# ruff: noqa: F811  (pytest fixtures imported from shard_fixtures are used as arguments)
 
 import json
 import os
@@ -11,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from shard_fixtures import shakespeare_bpe, shakespeare_shards, shakespeare_text  # noqa: F401
-from test_pretrain import cli_args, losses, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(shakespeare_shards, tmp_path):
+def test_torchrun_two_processes_match_one_process(shakespeare_shards, tmp_path, small_config, cli_args,
+                                                  losses):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cfg = small_config(shakespeare_shards, tmp_path, "single", steps=4)
     cfg.eval.interval = 2
@@ -44,7 +42,8 @@ def test_torchrun_two_processes_match_one_process(shakespeare_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp2_matches_one_process_and_saves_full_weights(shakespeare_shards, tmp_path):
+def test_torchrun_fsdp2_matches_one_process_and_saves_full_weights(shakespeare_shards, tmp_path, small_config,
+                                                                   cli_args, losses):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cfg = small_config(shakespeare_shards, tmp_path, "single", steps=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}

@@ -1,13 +1,11 @@
 """The OpenAI-compatible server: shapes, streaming, validation, auth, queueing, timeouts, the openai client."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-from test_engine import tiny_model
 
 from gptforge.engine import Engine, SamplingParams
 from gptforge.serve.app import ServerSettings, create_app
@@ -15,45 +13,15 @@ from gptforge.serve.app import ServerSettings, create_app
 MODEL = "tiny-chat"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """A real uvicorn server on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.api.scheduler.stop()
-
-
 @pytest.fixture(scope="module")
-def engine(data_dir):
-    model, tok = tiny_model(block_size=96)
+def engine(make_tiny_model):
+    model, tok = make_tiny_model(block_size=96)
     return Engine(model, tok)
 
 
 @pytest.fixture(scope="module")
-def live(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, max_tokens_limit=64)))
+def live(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, max_tokens_limit=64)))
     yield server
     server.close()
 
@@ -190,8 +158,8 @@ def test_unknown_route_and_method_are_4xx(client):
 # ---- auth, queueing, timeouts, disconnects ----------------------------------------------------------------
 
 
-def test_api_key_required_when_set(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, api_key="s3cret")))
+def test_api_key_required_when_set(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, api_key="s3cret")))
     try:
         with httpx.Client(base_url=server.url) as c:
             r = c.post("/v1/chat/completions", json=chat_body())
@@ -204,8 +172,8 @@ def test_api_key_required_when_set(engine):
         server.close()
 
 
-def test_concurrent_requests_are_batched_and_full_queue_answers_429(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, max_pending=6, max_batch_rows=16)))
+def test_concurrent_requests_are_batched_and_full_queue_answers_429(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, max_pending=6, max_batch_rows=16)))
     api = server.app.state.api
     results = {}
 
@@ -234,8 +202,8 @@ def test_concurrent_requests_are_batched_and_full_queue_answers_429(engine):
         server.close()
 
 
-def test_request_past_its_timeout_gets_408_and_frees_its_slot(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, timeout_s=0.3, max_pending=1)))
+def test_request_past_its_timeout_gets_408_and_frees_its_slot(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, timeout_s=0.3, max_pending=1)))
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             with engine.lock:
@@ -250,8 +218,8 @@ def test_request_past_its_timeout_gets_408_and_frees_its_slot(engine):
         server.close()
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, max_pending=1)))
+def test_client_disconnect_mid_stream_frees_the_slot(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, max_pending=1)))
     api = server.app.state.api
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -288,8 +256,8 @@ def test_official_openai_client_works(live):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
 
 
-def test_client_giving_up_on_a_queued_request_frees_its_slot(engine):
-    server = LiveServer(create_app(engine, ServerSettings(model_name=MODEL, max_pending=1)))
+def test_client_giving_up_on_a_queued_request_frees_its_slot(engine, live_server):
+    server = live_server(create_app(engine, ServerSettings(model_name=MODEL, max_pending=1)))
     api = server.app.state.api
     try:
         with engine.lock:  # the request waits in the queue

@@ -7,66 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge.checkpoint import load_model, save_model
+from gptforge.checkpoint import load_model
 from gptforge.cli import main as cli_main
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
-from gptforge.tokenizer import EOT, IM_END, IM_START, BPETokenizer
+from gptforge.tokenizer import IM_END, IM_START
 from gptforge.train.sft import SFTConfig, neftune_hook, resize_vocab, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(data_dir, tmp_path_factory):
-    """A small byte-level BPE (1,024 tokens) and a 2-layer GPT briefly pretrained on TinyStories."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    stories = (data_dir / "pretrain" / "tinystories-sample.txt").read_text(encoding="utf-8")
-    records = json.loads((data_dir / "instruct" / "instruction-data.json").read_text(encoding="utf-8"))
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([stories] + [f"{r['instruction']} {r['input']} {r['output']}" for r in records], trainer)
-    tokenizer = BPETokenizer(hf, "tiny-bpe")
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=2, n_head=2, n_embd=64))
-    data = torch.tensor(tokenizer.encode(stories))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    T, B = 128, 8
-    for _ in range(80):
-        starts = torch.randint(len(data) - T - 1, (B,))
-        x = torch.stack([data[s:s + T] for s in starts])
-        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
-        _, loss = model(x, targets=y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 6.0  # well below ln(1024) = 6.93: it learned something
-    torch.set_num_threads(threads)
-    directory = tmp_path_factory.mktemp("base") / "tiny"
-    save_model(directory, model, tokenizer)
-    return directory
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, tiny_base: conftest.py
 
 
 def _config(base, out_dir, **sections) -> SFTConfig:
-    tree = {"checkpoint": str(base), "out_dir": str(out_dir), "device": "cpu", "name": "run",
-            "data": {}, "train": {}, "generate": {}}
+    tree = {"base": str(base), "out_dir": str(out_dir), "name": "run",
+            "data": {}, "train": {"device": "cpu", "precision": "fp32"}, "optim": {}, "generate": {}}
     for section, values in sections.items():
         if isinstance(values, dict):
             tree[section].update(values)
@@ -78,7 +35,8 @@ def _config(base, out_dir, **sections) -> SFTConfig:
 def test_sft_on_real_instructions_lowers_val_loss_and_learns_to_stop(tiny_base, tmp_path, data_dir):
     config = _config(tiny_base, tmp_path, name="chat",
                      data={"sources": [str(data_dir / "instruct" / "instruction-data.json")], "limit": 300},
-                     train={"epochs": 4, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05, "neftune_alpha": 5.0},
+                     train={"epochs": 4, "batch_size": 16, "neftune_alpha": 5.0},
+                     optim={"lr": 2e-3, "warmup_ratio": 0.05},
                      generate={"max_new_tokens": 48})
     result = run_sft(config, progress=False)
 
@@ -107,8 +65,8 @@ def test_early_stopping_restores_the_best_weights(tiny_base, tmp_path, data_dir)
     config = _config(tiny_base, tmp_path, name="early",
                      data={"sources": [str(data_dir / "instruct" / "instruction-data.json")], "limit": 120,
                            "style": "alpaca", "batching": "pack", "max_len": 256},
-                     train={"epochs": 20, "batch_size": 4, "lr": 0.05, "warmup_ratio": 0.0, "schedule": "constant",
-                            "eval_every": 2, "patience": 2, "grad_clip": 0.0},
+                     train={"epochs": 20, "batch_size": 4, "eval_every": 2, "patience": 2, "grad_clip": 0.0},
+                     optim={"lr": 0.05, "warmup_ratio": 0.0, "schedule": "constant"},
                      generate={"enabled": False})
     result = run_sft(config, progress=False)
     assert result.stopped_early
@@ -203,10 +161,10 @@ def test_cli_runs_a_short_sft_with_overrides(tiny_base, tmp_path, data_dir):
     rc = cli_main(["sft", "--checkpoint", str(tiny_base), "--data", str(data_dir / "instruct" / "sharegpt-dummy.json"),
                    "--name", "cli", "--out-dir", str(tmp_path), "--limit", "60", "--max-steps", "3",
                    "--batching", "group", "--train-on", "last", "--max-new-tokens", "4", "--device", "cpu",
-                   "--train.log_every=1"])
+                   "--optim.lr=1e-3"])
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "train_loss" in x] == [1, 2, 3]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # one schema: every step, 1-based
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 3
     with pytest.raises(GptforgeError, match="unknown key"):
         load_config(SFTConfig, None, ["--train.nope=1"])

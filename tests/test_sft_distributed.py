@@ -8,24 +8,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_sft import one_thread, tiny_base  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, tiny_base: conftest.py
 
 
 def _metrics(run: Path) -> tuple[list[float], list[float]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(tiny_base, tmp_path, data_dir):  # noqa: F811
+def test_torchrun_two_processes_match_one_process(tiny_base, tmp_path, data_dir):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     common = ["sft", "--checkpoint", str(tiny_base), "--data", str(data_dir / "instruct" / "instruction-data.json"),
               "--out-dir", str(tmp_path), "--limit", "80", "--style", "alpaca", "--batch-size", "4",
               "--max-steps", "3", "--eval-every", "1", "--device", "cpu", "--no-test-responses",
-              "--train.log_every=1", "--train.lr=1e-3"]
+              "--optim.lr=1e-3"]
     # one process: 4 examples × 2 accumulation steps; two processes: 4 examples each (global 8)
     single = subprocess.run([sys.executable, "-m", "gptforge", *common, "--name", "single", "--grad-accum", "2"],
                             env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
+
+from gptforge.io import atomic_write_bytes
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure to ``path`` via a temporary file and rename, then close it."""
+    """Save a matplotlib figure to ``path`` as PNG (rendered in memory, written atomically), then close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getbuffer())

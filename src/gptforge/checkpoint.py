@@ -108,6 +108,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model, tokenizer = import_hf(directory)
         meta = {"model": model.config.to_dict(), "source": str(directory)}
     else:
+        if (directory / "files.json").is_file():  # written by training: check sizes and hashes before use
+            from gptforge.train.checkpoint import verify_checkpoint
+
+            verify_checkpoint(directory)
         meta = read_model_config(directory)
         model = GPT(GPTConfig(**meta["model"]))
         state = load_file(str(directory / WEIGHTS))

@@ -33,13 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"gptforge.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"gptforge.commands.{name}":
-                continue  # stage not built yet
-            raise
-        module.register(sub)
+        # Every command module must import: a failure here is a bug and surfaces with its traceback.
+        importlib.import_module(f"gptforge.commands.{name}").register(sub)
     return parser
 
 

@@ -173,6 +173,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         overrides = parse_overrides(overrides)
     if overrides:
         data = deep_merge(data, overrides)
+    migrate = getattr(cls, "migrate", None)  # a config may map deprecated key spellings to current ones
+    if migrate is not None:
+        data = migrate(data)
     return from_dict(cls, data)
 
 

@@ -96,7 +96,8 @@ class _Row:
 class Engine:
     """Generation over a :class:`GPT` and its tokenizer; one ``generate`` at a time (calls are serialized).
 
-    ``dtype=None`` keeps the model's dtype; :meth:`from_checkpoint` picks bfloat16 on CUDA, float32 on CPU.
+    ``dtype=None`` keeps the model's dtype; :meth:`from_checkpoint` applies the one precision rule
+    (:mod:`gptforge.precision`: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, fp32 on CPU).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device="cpu", dtype=None, context_policy: str = "error"):
@@ -121,12 +122,17 @@ class Engine:
     def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error") -> Engine:
         """Load any checkpoint form (step dir, run dir, HF directory) into an engine."""
         from gptforge.checkpoint import load_model
+        from gptforge.precision import DTYPES, resolve_precision
 
         model, tokenizer, meta = load_model(path, device="cpu")
-        if dtype is None and torch.device(device).type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        engine = cls(model, tokenizer, device=device, dtype=dtype, context_policy=context_policy)
+        if dtype is None:  # the one precision rule (gptforge.precision), as in training
+            precision = resolve_precision("auto", torch.device(device))
+        else:
+            name = {v: k for k, v in DTYPES.items()}[dtype]
+            precision = resolve_precision(name, torch.device(device))
+        engine = cls(model, tokenizer, device=device, dtype=precision.dtype, context_policy=context_policy)
         engine.meta = meta
+        engine.precision = precision
         return engine
 
     # ---- prompts ------------------------------------------------------------------------------------

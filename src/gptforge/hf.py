@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.io import read_json
 from gptforge.model import GPT, GPTConfig
 from gptforge.tokenizer import EOT, PAD, BPETokenizer, Tokenizer, TiktokenTokenizer, bytes_to_unicode
 
@@ -165,14 +166,6 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
     fast.save_pretrained(str(out_dir))
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Export any checkpoint form to a Hugging Face directory."""
-    from gptforge.checkpoint import load_model
-
-    model, tokenizer, _ = load_model(checkpoint)
-    return export_model(model, tokenizer, out_dir)
-
-
 # ---- import ------------------------------------------------------------------------------------------------
 
 
@@ -201,7 +194,7 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(str(st))
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(load_file(str(directory / f)))
@@ -216,11 +209,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
     """Build our :class:`GPT` (and tokenizer, when present) from a Hugging Face GPT-2 directory."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
-    try:
-        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise GptforgeError(f"cannot read {cfg_path}: {e}") from None
-    config = config_from_hf(hf_cfg, str(cfg_path))
+    config = config_from_hf(read_json(cfg_path, "Hugging Face config"), str(cfg_path))
     raw = _read_hf_weights(directory)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in raw.items():

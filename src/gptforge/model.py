@@ -207,7 +207,6 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        inputs_embeds_hook=None,
         logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, T, V)`` and, with ``targets``, the mean cross-entropy over targets != -100.
@@ -215,7 +214,6 @@ class GPT(nn.Module):
         ``attention_mask``: ``(B, S)`` with 1 for real tokens and 0 for padding (S = cached + new positions),
         or a boolean ``(B, 1, T, S)`` mask (True = may attend) for packed sequences.
         ``position_ids`` default to counting real tokens, so left-padded rows start at position 0.
-        ``inputs_embeds_hook(x) -> x`` may alter the token embeddings (NEFTune noise during fine-tuning).
         ``logits_to_keep=k > 0`` computes logits for the last ``k`` positions only (generation's prefill).
         """
         B, T = idx.shape
@@ -232,8 +230,6 @@ class GPT(nn.Module):
         mask = self._attention_bias(attention_mask, B, T, past, idx.device)
 
         x = self.transformer.wte(idx)
-        if inputs_embeds_hook is not None:
-            x = inputs_embeds_hook(x)
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
             x = block(x, mask, kv_cache)

@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from gptforge.errors import GptforgeError
 
@@ -43,6 +43,7 @@ class QuickstartConfig:
     hellaswag_items: int = 300
     seed: int = 1337
     workers: int = 0
+    precision: str = "auto"  # the one precision rule: bf16 on CPUs with AMX/AVX512-BF16, else fp32
 
 
 def smoke_config(out: str) -> QuickstartConfig:
@@ -191,34 +192,44 @@ def _stage_data(cfg: QuickstartConfig, corpus: list[str], out: Path) -> dict:
 
 
 def _stage_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
-    from gptforge.train.pretrain import (CheckpointSection, DataSection, EvalSection, LogSection, ModelSection,
-                                         OptimSection, PretrainConfig, TrainSection, run_pretrain)
+    from gptforge.train.core import CheckpointConfig, LogConfig, OptimConfig
+    from gptforge.train.pretrain import (
+        DataSection,
+        EvalSection,
+        ModelSection,
+        PretrainConfig,
+        TrainSection,
+        run_pretrain,
+    )
 
     steps = cfg.pretrain_steps
     pc = PretrainConfig(
         name="pretrain", out_dir=str(out),
         model=ModelSection(preset=cfg.preset, block_size=cfg.seq_len),
         data=DataSection(path=str(out / "data"), tokenizer=str(out / "tokenizer"), seq_len=cfg.seq_len),
-        train=TrainSection(micro_batch=cfg.micro_batch, max_steps=steps, precision="fp32", seed=cfg.seed),
-        optim=OptimSection(lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.1),
+        train=TrainSection(micro_batch=cfg.micro_batch, max_steps=steps, precision=cfg.precision, seed=cfg.seed),
+        optim=OptimConfig(lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.1),
         eval=EvalSection(interval=max(1, steps // 5), sample_interval=0, sample_prompts=["The ", "Once upon a time"]),
-        checkpoint=CheckpointSection(interval=max(1, steps // 2), keep_last=2),
-        log=LogSection(progress=True),
+        checkpoint=CheckpointConfig(interval=max(1, steps // 2), keep_last=2),
+        log=LogConfig(progress=True),
     )
     r = run_pretrain(pc)
     return {"steps": r.steps, "tokens": r.tokens, "final_loss": r.final_loss, "final_val_loss": r.final_val_loss,
             "best_val_loss": r.best_val_loss, "checkpoint": str(r.checkpoint),
-            "tokens_per_second": r.summary.get("tokens_per_second") if isinstance(r.summary, dict) else None}
+            "tokens_per_second": r.summary.get("tokens_per_second"), "precision": r.summary.get("precision"),
+            "precision_reason": r.summary.get("precision_reason")}
 
 
 def _stage_sft(cfg: QuickstartConfig, instructions: str, out: Path) -> dict:
+    from gptforge.train.core import OptimConfig
     from gptforge.train.sft import SFTConfig, SFTDataConfig, SFTGenerateConfig, SFTTrainConfig, run_sft
 
     sc = SFTConfig(
-        checkpoint=str(out / "pretrain"), name="sft", out_dir=str(out), seed=cfg.seed,
+        base=str(out / "pretrain"), name="sft", out_dir=str(out), overwrite=True,
         data=SFTDataConfig(sources=[instructions], style="chat", max_len=cfg.sft_max_len, overlength="truncate"),
-        train=SFTTrainConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup_ratio=0.05,
-                             patience=2, weight_decay=0.0, log_every=10),
+        train=SFTTrainConfig(epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size, patience=2, seed=cfg.seed,
+                             precision=cfg.precision),
+        optim=OptimConfig(lr=cfg.sft_lr, warmup_ratio=0.05, weight_decay=0.0),
         generate=SFTGenerateConfig(enabled=True, max_new_tokens=96, limit=cfg.test_responses, batch_size=16),
     ).validate()
     r = run_sft(sc)
@@ -292,7 +303,8 @@ def _write_report(cfg: QuickstartConfig, out: Path, s: dict) -> None:
     r.heading("Pretraining")
     pre = s["pretrain"]
     r.paragraph(f"Final training loss {_f(pre.get('final_loss'))}, validation loss {_f(pre.get('final_val_loss'))} "
-                f"(best {_f(pre.get('best_val_loss'))}).")
+                f"(best {_f(pre.get('best_val_loss'))}); precision {pre.get('precision')} "
+                f"({pre.get('precision_reason')}), {_f(pre.get('tokens_per_second'))} tokens/s.")
     r.image(out / "pretrain" / "loss.png", "pretraining: loss, learning rate, gradient norm")
     r.heading("Instruction fine-tuning")
     sft = s["sft"]

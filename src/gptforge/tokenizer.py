@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.io import atomic_write_text, read_json, write_json
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -177,7 +178,7 @@ class TiktokenTokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         cfg = {"kind": self.kind, "name": self.name, "special_tokens": self.special_tokens,
                "chat_template": self.chat_template}
-        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        write_json(directory / "tokenizer_config.json", cfg)
         return directory
 
 
@@ -304,7 +305,7 @@ class BPETokenizer(Tokenizer):
             write_tiktoken_ranks(ranks, directory / TIKTOKEN_FILE)
         cfg = {"kind": self.kind, "name": self.name, "special_tokens": self.special_tokens,
                "chat_template": self.chat_template}
-        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        write_json(directory / "tokenizer_config.json", cfg)
         return directory
 
 
@@ -342,7 +343,7 @@ def _load_tokenizer(spec: str | Path) -> Tokenizer:
     path = Path(spec_str)
     if path.is_dir():
         cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path, "tokenizer config") if cfg_path.is_file() else {}
         if cfg.get("kind") == "tiktoken":
             tok: Tokenizer = TiktokenTokenizer(extra_special=[t for t in cfg.get("special_tokens", {}) if t != EOT])
         elif (path / "tokenizer.json").is_file():
@@ -398,13 +399,8 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> Path:
     """Write ranks in tiktoken's file format (``base64(token) rank`` per line), atomically."""
     import base64
 
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-    os.replace(tmp, path)
-    return path
+    ordered = sorted(ranks.items(), key=lambda kv: kv[1])
+    return atomic_write_text(path, "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ordered))
 
 
 def tiktoken_encoding(ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "bpe"):
@@ -422,7 +418,7 @@ def load_tiktoken_file(directory: str | Path):
     path = directory / TIKTOKEN_FILE
     if not path.is_file():
         raise GptforgeError(f"{path} not found: this tokenizer has no tiktoken export (retrain or re-save it)")
-    cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg = read_json(directory / "tokenizer_config.json", "tokenizer config")
     return tiktoken_encoding(load_tiktoken_bpe(str(path)), cfg["special_tokens"], cfg.get("name", "bpe"))
 
 

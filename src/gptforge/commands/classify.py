@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run <out-dir>/<name> from its newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over in a run directory that already has checkpoints (deletes them)")
     p.set_defaults(func=run)
 
     psub = p.add_subparsers(dest="classify_command", metavar="[predict]")
@@ -49,12 +53,12 @@ def cli_overrides(args) -> dict:
     """The explicitly given flags as a nested override dict (they win over the recipe)."""
     from gptforge.commands import flag_overrides, parse_fractions
 
-    fields = {"checkpoint": "checkpoint", "name": "name", "out_dir": "out_dir", "device": "device",
+    fields = {"base": "checkpoint", "name": "name", "out_dir": "out_dir", "train.device": "device",
               "data.path": "data", "data.text_column": "text_column", "data.label_column": "label_column",
               "data.balance": "balance", "data.skip_bad": "skip_bad", "data.limit": "limit",
               "data.max_len": "max_len"}
-    fields.update({f"train.{k}": k for k in ("trainable", "last_k", "epochs", "max_steps", "batch_size",
-                                             "lr")})
+    fields.update({f"train.{k}": k for k in ("trainable", "last_k", "epochs", "max_steps", "batch_size")})
+    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite"})
     o = flag_overrides(args, fields)
     if args.split:
         o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.7,0.1,0.2")

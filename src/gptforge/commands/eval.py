@@ -35,9 +35,10 @@ def _register_loss(esub) -> None:
     p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--separator", default=None,
                    help="raw .txt documents: file | blank | line | a literal (default: auto, as data prepare)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps … (default: auto = CUDA, else MPS, else CPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                   help="autocast dtype (auto: the one precision rule, bf16 where the CPU/GPU computes it natively, else float32, or float16 on older GPUs)")
     p.add_argument("--out", default=None,
                    help="directory for loss.json, loss.md and loss.png (default: <run>/eval when the "
                         "checkpoints share a run directory)")
@@ -55,8 +56,9 @@ def run_loss(args) -> int:
         expand_checkpoints,
         format_table,
         plot_losses,
-        write_json,
     )
+    from gptforge.io import atomic_write_text, write_json
+    from gptforge.precision import pick_device
     from gptforge.tokenizer import load_tokenizer
 
     checkpoints = expand_checkpoints(args.checkpoints)
@@ -64,8 +66,8 @@ def run_loss(args) -> int:
     data = args.data[0] if len(args.data) == 1 else args.data
     report = evaluate_checkpoints(checkpoints, data, tokenizer=tokenizer, split=args.split, start=args.start,
                                   max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  device=args.device, dtype=args.dtype, text_field=args.text_field,
-                                  separator=args.separator)
+                                  device=pick_device(args.device), dtype=args.dtype,
+                                  text_field=args.text_field, separator=args.separator)
     results = report["results"]
     table = format_table(results)
     print(table)
@@ -78,7 +80,7 @@ def run_loss(args) -> int:
     if out is not None:
         out = out / "eval" if not args.out else out
         write_json(out / "loss.json", report)
-        (out / "loss.md").write_text(table + "\n", encoding="utf-8")
+        atomic_write_text(out / "loss.md", table + "\n")
         if len(results) > 1:
             plot_losses(results, out / "loss.png")
         print(f"wrote {out / 'loss.json'}, {out / 'loss.md'}" + (f", {out / 'loss.png'}" if len(results) > 1 else ""))
@@ -107,19 +109,19 @@ def _register_choice(esub) -> None:
     p.add_argument("--delimiter", default=" ", help="jsonl: text between context and choice (default: space)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tokenizer", default=None, help="tokenizer when the checkpoint has none")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps … (default: auto = CUDA, else MPS, else CPU)")
     p.add_argument("--out", default=None, help="results JSON path (default: <run>/eval/<task>.json for run "
                                                "checkpoints, else ./eval_<task>.json)")
     p.set_defaults(func=run_choice)
 
 
 def run_choice(args) -> int:
-    import torch
-
     from gptforge.checkpoint import load_model
     from gptforge.errors import GptforgeError
     from gptforge.eval.choice import evaluate_choice, format_summary
-    from gptforge.eval.loss import write_json
+    from gptforge.io import write_json
+    from gptforge.precision import pick_device
     from gptforge.tokenizer import load_tokenizer
 
     options: dict = {"subjects": args.subjects}
@@ -132,8 +134,7 @@ def run_choice(args) -> int:
             options[mapping[role]] = name
         options.update(template=args.template.replace("\\n", "\n") if args.template else None,
                        delimiter=args.delimiter)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, meta = load_model(args.checkpoint, device=device)
+    model, tokenizer, meta = load_model(args.checkpoint, device=pick_device(args.device))
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     result = evaluate_choice(model, tokenizer, args.task, data=args.data, limit=args.limit,
@@ -231,7 +232,7 @@ def run_harness(args) -> int:
     if "--batch_size" not in argv:
         argv += ["--batch_size", "16"]
     if "--device" not in argv:
-        import torch
+        from gptforge.precision import pick_device
 
-        argv += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+        argv += ["--device", str(pick_device("auto"))]
     return cli_main(argv)

@@ -15,9 +15,9 @@ DEFAULTS = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.1)
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir (its latest) or HF GPT-2 dir")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default auto: the one precision rule, bf16 where the CPU/GPU computes it natively, else float32 on CPU, float16 on older GPUs)")
     p.add_argument("--context-policy", default="error", choices=["error", "slide"],
                    help="a prompt longer than the context: fail, or keep its last tokens (default: error)")
 
@@ -59,10 +59,13 @@ def load_engine(args):
     import torch
 
     from gptforge.engine import Engine
+    from gptforge.precision import pick_device
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype,
-                                  context_policy=args.context_policy)
+    dtype = getattr(torch, args.dtype) if args.dtype not in (None, "auto") else None
+    engine = Engine.from_checkpoint(args.checkpoint, device=pick_device(args.device), dtype=dtype,
+                                    context_policy=args.context_policy)
+    print(f"gptforge: {engine.device} {engine.precision.describe}", file=sys.stderr)
+    return engine
 
 
 def register(sub) -> None:
@@ -88,29 +91,21 @@ def read_prompts(path: str) -> list[str]:
     from pathlib import Path
 
     from gptforge.errors import GptforgeError
+    from gptforge.io import iter_jsonl
 
-    if path == "-":
-        lines, name, jsonl = sys.stdin.read().splitlines(), "<stdin>", False
+    file = None if path == "-" else Path(path)
+    if file is not None and not file.is_file():
+        raise GptforgeError(f"prompts file not found: {path}")
+    if file is not None and file.suffix == ".jsonl":
+        prompts = []
+        for lineno, record in iter_jsonl(file):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise GptforgeError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
+            prompts.append(record["prompt"])
     else:
-        file = Path(path)
-        if not file.is_file():
-            raise GptforgeError(f"prompts file not found: {path}")
-        lines, name, jsonl = file.read_text(encoding="utf-8").splitlines(), path, file.suffix == ".jsonl"
-    prompts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append(unescape(line))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptforgeError(f"{name}:{lineno}: invalid JSON ({e.msg}); each line must be {{\"prompt\": ...}}") \
-                from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise GptforgeError(f"{name}:{lineno}: expected an object with a string 'prompt' field")
-        prompts.append(record["prompt"])
+        text = sys.stdin.read() if file is None else file.read_text(encoding="utf-8")
+        prompts = [unescape(line) for line in text.splitlines() if line.strip()]
+    name = "<stdin>" if file is None else path
     if not prompts:
         raise GptforgeError(f"{name} holds no prompts")
     return prompts

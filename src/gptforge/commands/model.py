@@ -42,8 +42,9 @@ def _config_from_args(args):
         d = resolve_checkpoint(args.checkpoint)
         if is_hf_directory(d):
             from gptforge.hf import config_from_hf
+            from gptforge.io import read_json
 
-            return config_from_hf(json.loads((d / "config.json").read_text()), str(d))
+            return config_from_hf(read_json(d / "config.json", "Hugging Face config"), str(d))
         return GPTConfig(**{**read_model_config(d)["model"], **overrides})
     from gptforge.config import from_dict
     from gptforge.model import PRESETS

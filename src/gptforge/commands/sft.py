@@ -11,6 +11,8 @@ EXAMPLE = ("gptforge sft --checkpoint runs/base --data $GPTFORGE_DATA_DIR/instru
 def register(sub) -> None:
     p = add_parser(sub, "sft", "instruction fine-tuning (SFT) of a checkpoint on Alpaca/Dolly/ShareGPT/messages data",
                    EXAMPLE, accepts_overrides=True)
+    p.epilog += ("\n\noverrides: any --section.key=value with the keys every stage shares, e.g. --optim.lr=1e-4 "
+                 "--optim.schedule=cosine --train.precision=bf16 --train.seed=1 --train.grad_clip=1.0")
     p.add_argument("--config", default=None, help="YAML recipe (e.g. recipes/sft-alpaca-dolly.yaml)")
     p.add_argument("--checkpoint", default=None, help="base model: step dir, run dir or Hugging Face GPT-2 directory")
     p.add_argument("--data", action="append", default=None, metavar="FILE|HUB_NAME",
@@ -40,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--max-new-tokens", type=int, default=None, help="length cap of the test-split responses")
     p.add_argument("--no-test-responses", action="store_true", help="skip generating responses for the test split")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run <out-dir>/<name> from its newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over in a run directory that already has checkpoints (deletes them)")
     p.set_defaults(func=run)
 
 
@@ -47,13 +53,14 @@ def cli_overrides(args) -> dict:
     """The explicitly given flags as a nested override dict (they win over the recipe)."""
     from gptforge.commands import flag_overrides, parse_fractions
 
-    fields = {"checkpoint": "checkpoint", "name": "name", "out_dir": "out_dir", "device": "device",
+    fields = {"base": "checkpoint", "name": "name", "out_dir": "out_dir", "train.device": "device",
               "data.sources": "data", "data.format": "format", "data.skip_bad": "skip_bad", "data.style": "style",
               "data.train_on": "train_on", "data.max_len": "max_len", "data.overlength": "overlength",
               "data.batching": "batching", "data.limit": "limit",
               "generate.max_new_tokens": "max_new_tokens"}
-    fields.update({f"train.{k}": k for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr",
+    fields.update({f"train.{k}": k for k in ("epochs", "max_steps", "batch_size", "grad_accum",
                                              "neftune_alpha", "patience", "eval_every")})
+    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite"})
     o = flag_overrides(args, fields)
     if args.split:
         o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.85,0.05,0.10")

@@ -31,6 +31,7 @@ import torch
 
 from gptforge.chat_template import default_template, render_chat
 from gptforge.errors import GptforgeError
+from gptforge.io import iter_jsonl
 from gptforge.model import IGNORE_INDEX
 from gptforge.tokenizer import EOT, IM_END, IM_START, Tokenizer
 
@@ -170,16 +171,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise GptforgeError(f"invalid JSON in {path}:{lineno}: {e.msg}; fix or remove that line") from None
-    return records
+    return [record for _, record in iter_jsonl(path)]
 
 
 # ---- records → conversations -------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ atomically; a killed run continues from the last checkpoint and produces the sam
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from gptforge.charts import save_figure
 from gptforge.data import shards as shardfmt
 from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources
 from gptforge.errors import GptforgeError
+from gptforge.io import read_json, sha256_file, write_json
 
 STATE = ".prepare_state.json"
 HISTOGRAM_PNG = "doc_lengths.png"
@@ -186,15 +185,12 @@ def encode_batch(
 class ShardWriter:
     """Accumulates one split's tokens and writes full shards of exactly ``shard_tokens`` tokens."""
 
-    def __init__(
-        self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, kill_after: int | None = None
-    ):
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.chunks: list[np.ndarray] = []
         self.pending = 0
         self.shards: list[dict] = []
         self.tokens = 0  # all tokens appended, written or pending
-        self.kill_after = kill_after
 
     def append(self, tokens: np.ndarray) -> bool:
         """Add tokens; returns True when at least one shard was written."""
@@ -227,16 +223,12 @@ class ShardWriter:
             self.chunks, self.pending = [], 0
 
     def _write(self, tokens: np.ndarray) -> None:
-        from gptforge.data.registry import sha256_file
-
         name = shardfmt.shard_name(self.split, len(self.shards))
         path = self.out / name
         shardfmt.write_shard(path, tokens, self.dtype)
         self.shards.append(
             {"name": name, "split": self.split, "tokens": int(tokens.size), "sha256": sha256_file(path)}
         )
-        if self.kill_after is not None and len(self.shards) >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between a shard and its checkpoint
 
 
 class DocStats:
@@ -316,7 +308,14 @@ def _our_files(out: Path) -> list[Path]:
         + sorted(out.glob("train_*.bin*"))
         + sorted(out.glob("val_*.bin*"))
         + sorted(out.glob(".prepare_tail_*.npz"))
+        + _temp_files(out)
     )
+
+
+def _temp_files(out: Path) -> list[Path]:
+    """Temporary files a killed run may leave behind (``.<name>.<random>.tmp``, see :mod:`gptforge.io`)."""
+    names = ["train_*.bin", "val_*.bin", shardfmt.MANIFEST, STATE, HISTOGRAM_PNG]
+    return sorted(p for n in names for p in out.glob(f".{n}.*.tmp"))
 
 
 def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str, dict | None]:
@@ -326,7 +325,7 @@ def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str,
     if manifest_path.is_file():
         previous = shardfmt.read_manifest(out)
     elif state_path.is_file():
-        previous = json.loads(state_path.read_text(encoding="utf-8"))
+        previous = read_json(state_path, "prepare checkpoint")
     if overwrite:
         for p in _our_files(out):
             p.unlink()
@@ -354,15 +353,6 @@ def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str,
             "use a new --out directory or pass --overwrite"
         )
     return ("done" if manifest_path.is_file() else "resume"), previous
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
@@ -396,11 +386,7 @@ class _Run:
         self.cfg, self.tokenizer, self.sources, self.out = cfg, tokenizer, sources, out
         self.fingerprint = fingerprint
         self.dtype = shardfmt.token_dtype(tokenizer.vocab_size)
-        kill = os.environ.get("GPTFORGE_PREPARE_KILL_AFTER_SHARDS")
-        kill_after = int(kill) if kill else None
-        self.writers = {
-            s: ShardWriter(out, s, self.dtype, cfg.shard_tokens, kill_after) for s in ("train", "val")
-        }
+        self.writers = {s: ShardWriter(out, s, self.dtype, cfg.shard_tokens) for s in ("train", "val")}
         self.docs = DocStats()
         self.read = ReadStats()
         self.per_source_docs: list[int] = []
@@ -435,6 +421,8 @@ class _Run:
         for stale in list(self.out.glob("train_*.bin*")) + list(self.out.glob("val_*.bin*")):
             if stale.name not in keep:
                 stale.unlink()  # written after the last checkpoint: will be written again
+        for tmp in _temp_files(self.out):
+            tmp.unlink(missing_ok=True)  # a write the kill interrupted
         self.docs.load(state["docs"])
         self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]
         self.generation = state["generation"]
@@ -460,7 +448,7 @@ class _Run:
             "shards": {s: w.shards for s, w in self.writers.items()},
             "elapsed_s": self.elapsed_before + time.time() - self.start_time,
         }
-        _atomic_json(self.out / STATE, state)
+        write_json(self.out / STATE, state, fsync=True)
         for old in self.out.glob(".prepare_tail_*.npz"):
             if old.name != tails:
                 old.unlink()
@@ -659,7 +647,7 @@ class _Run:
             "shards": self.writers["train"].shards + self.writers["val"].shards,
             "elapsed_s": round(elapsed, 3),
         }
-        _atomic_json(self.out / shardfmt.MANIFEST, manifest)
+        write_json(self.out / shardfmt.MANIFEST, manifest, fsync=True)
         (self.out / STATE).unlink(missing_ok=True)
         for old in self.out.glob(".prepare_tail_*.npz"):
             old.unlink()

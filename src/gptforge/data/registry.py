@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -269,14 +269,6 @@ def _missing(entry: Dataset):
         f"{target}{hint}"
         + (" (downloads are off: GPTFORGE_OFFLINE/HF_*_OFFLINE is set)" if is_offline() else "")
     )
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(entry: Dataset, path: str | Path) -> bool:

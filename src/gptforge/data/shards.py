@@ -7,14 +7,13 @@ Header layout (little-endian): magic ``b"GPTFSHRD"`` (8 bytes), format version (
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from gptforge.errors import GptforgeError
+from gptforge.io import atomic_write_bytes, read_json
 
 MAGIC = b"GPTFSHRD"
 VERSION = 1
@@ -36,14 +35,10 @@ def write_shard(path: str | Path, tokens: np.ndarray, dtype: np.dtype) -> None:
     """Write ``tokens`` with a header to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     arr = np.ascontiguousarray(tokens, dtype=dtype)
-    header = _HEADER.pack(MAGIC, VERSION, arr.dtype.itemsize, arr.size).ljust(HEADER_BYTES, b"\0")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = bytearray(HEADER_BYTES + arr.nbytes)  # one copy of the tokens, as arr.tobytes() would make
+    _HEADER.pack_into(data, 0, MAGIC, VERSION, arr.dtype.itemsize, arr.size)
+    data[HEADER_BYTES:] = arr.data.cast("B")
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def read_header(path: str | Path) -> tuple[np.dtype, int]:
@@ -88,7 +83,4 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise GptforgeError(f"{path} not found: {directory} is not a prepared dataset")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GptforgeError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "dataset manifest")

@@ -9,7 +9,7 @@ through gptforge, which imports this module first::
 or from Python: ``import gptforge.eval.harness`` and then ``lm_eval.simple_evaluate(model="gptforge", ...)``.
 ``--model_args``: ``checkpoint`` (required; step dir, run dir, ``ckpt/best`` or HF dir), ``dtype``
 (float32 | bfloat16), ``max_gen_toks`` (default 256); batch size and device come from lm-eval's own
-``--batch_size`` / ``--device`` (``gptforge eval harness`` defaults them to 16 and cuda-if-available).
+``--batch_size`` / ``--device`` (``gptforge eval harness`` defaults them to 16 and CUDA, else MPS, else CPU).
 
 The three request types use the same scorer as ``gptforge eval choice`` (:mod:`gptforge.eval.scoring`), so
 numbers agree with our own evaluation, and ``generate_until`` uses :class:`gptforge.engine.Engine` greedily.
@@ -22,6 +22,7 @@ import sys
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.precision import pick_device
 
 try:
     from lm_eval.api.model import LM
@@ -40,7 +41,8 @@ class GptforgeLM(LM):
                  dtype: str = "float32", max_gen_toks: int = 256, model=None, tokenizer=None, **_ignored):
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI defaults to cuda
+            device = "auto"  # lm-eval's CLI defaults to cuda: fall back to what this machine has
+        device = pick_device(device)
         if model is None:
             if not checkpoint:
                 raise GptforgeError("model_args needs checkpoint=PATH (a step dir, run dir or HF directory)")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
+from gptforge.io import iter_jsonl, write_json
 
 CACHE_FILE = "judge_cache.jsonl"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -120,16 +121,9 @@ def load_responses(paths: list[str | Path], model_names: list[str] | None = None
 def _read_records(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise GptforgeError(f"responses file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return rows
+        return [(f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path)]
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -441,8 +435,6 @@ def run_judge(responses: dict[str, list[Record]], client: JudgeClient, out_dir: 
 def write_outputs(responses: dict[str, list[Record]], queries: list[Query], cache: dict[str, dict], out_dir: Path,
                   mode: str, judge_model: str, chart: bool) -> dict:
     """Annotated JSON per model, ``summary.json``/``summary.md`` and optionally ``scores.png``."""
-    from gptforge.eval.loss import write_json
-
     by_record: dict[tuple[str, int], tuple[dict, str]] = {}
     for q in queries:
         entry = cache.get(q.key)

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 
 from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
+from gptforge.precision import pick_device, resolve_precision
 from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
 
 MAX_LOGITS_PER_BATCH = 2**27
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 # ---- the token stream ----------------------------------------------------------------------------------------
@@ -131,12 +133,54 @@ def _is_byte_level(tokenizer: BPETokenizer) -> bool:
 # ---- evaluation --------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+def token_nll(model, input_ids: torch.Tensor, targets: torch.Tensor, autocast=None, **forward_kwargs
+              ) -> torch.Tensor:
+    """Per-target negative log-likelihood in nats, ``(B·T,)`` float64; ignored targets (-100) give 0.
+
+    The one LM-loss computation for evaluation: pretrain's validation, SFT's validation and ``eval loss``.
+    """
+    from gptforge.model import IGNORE_INDEX
+
+    with autocast if autocast is not None else torch.autocast(input_ids.device.type, enabled=False):
+        logits, _ = model(input_ids, **forward_kwargs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").double()
+
+
+@torch.no_grad()
+def mean_lm_loss(model, batches: list, autocast=None, dist_info=None) -> float:
+    """Mean loss per valid target over ``batches`` (this process's share: ``(input_ids, targets, kwargs)``).
+
+    Under ``torchrun`` the sums are reduced over the processes, and every process runs the same number of
+    forward passes (extra ones weighted 0), so sharded (FSDP) models never wait on each other.
+    """
+    from gptforge.model import IGNORE_INDEX
+    from gptforge.train.distributed import all_reduce_sum
+
+    device = next(model.parameters()).device
+    passes = len(batches)
+    if dist_info is not None and dist_info.enabled:
+        import torch.distributed as dist
+
+        n = torch.tensor([passes], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        passes = int(n.item())
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(passes):
+        if i < len(batches):
+            input_ids, targets, kwargs = batches[i]
+        else:  # a padding pass: one ignored target
+            input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+            targets, kwargs = torch.full_like(input_ids, IGNORE_INDEX), {}
+        nll = token_nll(model, input_ids.to(device), targets.to(device), autocast, **kwargs)
+        sums[0] += nll.sum()
+        sums[1] += (targets != IGNORE_INDEX).sum()
+    model.train(was_training)
+    if dist_info is not None:
+        all_reduce_sum(sums, dist_info)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
 
 @torch.no_grad()
@@ -161,6 +205,7 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
     if n_targets < 1:
         raise GptforgeError(f"need at least 2 tokens to evaluate, got {stop - start}")
     device = next(bare.parameters()).device
+    precision = resolve_precision(_DTYPE_NAMES.get(dtype, dtype), device)
     vocab = bare.config.vocab_size
     rows = max(1, min(batch_size, MAX_LOGITS_PER_BATCH // (seq_len * vocab)))
     window_starts = list(range(start, stop - 1, seq_len))
@@ -189,9 +234,7 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
             if int(data.max()) >= vocab:
                 raise GptforgeError(f"token id {int(data.max())} in {stream.description} is outside the model's "
                                     f"vocabulary ({vocab}); the data was prepared with a different tokenizer")
-            with _autocast(device, dtype):
-                logits, _ = bare(x)
-            ce = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none").double()
+            ce = token_nll(bare, x, y, precision.autocast())
             nats += float(ce.sum())
             if byte_lengths is not None:
                 yb = torch.from_numpy(byte_lengths).to(device)[y.reshape(-1)]
@@ -206,7 +249,7 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
     seconds = time.perf_counter() - t0
     loss = nats / n_targets
     result = {
-        "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n_targets, "start": start,
+        "precision": precision.describe, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n_targets, "start": start,
         "stop": stop, "seq_len": seq_len, "windows": len(window_starts), "seconds": seconds,
         "tokens_per_second": n_targets / max(seconds, 1e-9), "data": stream.description,
     }
@@ -256,7 +299,7 @@ def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None,
 
 
 def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(pick_device("auto"))
 
 
 def _stream_for(data, tokenizer, split, text_field, separator=None) -> tuple[TokenStream, dict]:

@@ -7,13 +7,13 @@ or, where it exists, the Hugging Face Hub name (needs network and the ``data`` e
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.io import iter_jsonl
 
 HELLASWAG_HUB = "Rowan/hellaswag"
 MMLU_HUB = "cais/mmlu"
@@ -55,17 +55,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise GptforgeError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object") from None
-            if not isinstance(rec, dict):
-                raise GptforgeError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append((lineno, rec))
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise GptforgeError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append((lineno, rec))
     return records
 
 

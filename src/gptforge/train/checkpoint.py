@@ -12,7 +12,6 @@ at any moment leaves the previous checkpoints intact; :func:`verify_checkpoint` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import torch
 
 from gptforge.checkpoint import save_model
 from gptforge.errors import GptforgeError
+from gptforge.io import fsync_dir, sha256_file
 
 FILES_MANIFEST = "files.json"
 OPTIMIZER = "optimizer.pt"
@@ -33,34 +33,13 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:07d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_tree(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for d in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        _fsync_dir(d)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(d)
 
 
 def write_pointer(ckpt_root: Path, name: str, target: str) -> None:
@@ -70,7 +49,7 @@ def write_pointer(ckpt_root: Path, name: str, target: str) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_root / name)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
 
 def read_pointer(ckpt_root: Path, name: str) -> str | None:
@@ -78,17 +57,37 @@ def read_pointer(ckpt_root: Path, name: str) -> str | None:
     return p.read_text(encoding="utf-8").strip() if p.is_file() else None
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, *, model, model_state: dict | None = None, tokenizer=None,
-                    optimizer_state: dict,
+def gpt_writer(model, tokenizer=None, model_state: dict | None = None, extra: dict | None = None):
+    """A ``write_model`` for :func:`save_checkpoint`: a GPT's weights, config and tokenizer.
+
+    ``model`` is the bare model; under FSDP pass the gathered full ``model_state`` (rank 0 writes alone).
+    """
+    def write(directory: Path) -> None:
+        if model_state is None:
+            save_model(directory, model, tokenizer, extra=extra)
+            return
+        from safetensors.torch import save_file
+
+        from gptforge.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, WEIGHTS
+
+        state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        (directory / MODEL_CONFIG).write_text(json.dumps({"model": model.config.to_dict(), **(extra or {})},
+                                                         indent=2), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(directory / TOKENIZER_DIR)
+    return write
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, *, write_model, optimizer_state: dict | None,
                     trainer_state: dict, keep_last: int = 3, is_best: bool = False) -> Path:
     """Write checkpoint ``step`` atomically, move ``latest`` (and ``best``), prune to the last ``keep_last``.
 
-    ``model`` is the bare model; for FSDP pass the gathered full ``model_state`` (rank 0 calls this alone).
+    ``write_model(directory)`` writes the model files (e.g. :func:`gpt_writer`); this function adds
+    ``optimizer.pt`` (when given), ``state.json`` and the ``files.json`` manifest, fsyncs and renames.
     """
-    from safetensors.torch import save_file
-
-    from gptforge.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, WEIGHTS
-
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
@@ -96,29 +95,18 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, model, model_state: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    extra = {"step": step, "tokens": trainer_state.get("tokens")}
-    if model_state is None:
-        save_model(tmp, model, tokenizer, extra=extra)
-    else:  # a sharded (FSDP) model: write the gathered full state dict, same files as save_model
-        state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        if model.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MODEL_CONFIG).write_text(json.dumps({"model": model.config.to_dict(), **extra}, indent=2),
-                                        encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
-    torch.save(optimizer_state, tmp / OPTIMIZER)
+    write_model(tmp)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(tmp.rglob("*")) if p.is_file()}
-    assert MODEL_CONFIG in files
     (tmp / FILES_MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     write_pointer(ckpt_root, "latest", name)
     if is_best:
         write_pointer(ckpt_root, "best", name)
@@ -166,7 +154,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
         size = p.stat().st_size
         if size != info["bytes"]:
             raise GptforgeError(f"{p}: {size} bytes, expected {info['bytes']}; {hint}")
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             raise GptforgeError(f"{p}: SHA-256 does not match {FILES_MANIFEST}; {hint}")
     try:
         return json.loads((d / STATE).read_text(encoding="utf-8"))
@@ -175,7 +163,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
 
 
 def find_resume_checkpoint(ckpt_root: str | Path, fallback: bool = False, log=print) -> Path | None:
-    """The checkpoint to resume from: ``latest`` when valid; with ``fallback``, the newest valid older one.
+    """The checkpoint to resume from: the newest when valid; with ``fallback``, the newest valid older one.
 
     Returns ``None`` when the run has no checkpoint yet.
     """
@@ -183,11 +171,8 @@ def find_resume_checkpoint(ckpt_root: str | Path, fallback: bool = False, log=pr
     candidates = list_checkpoints(root)
     if not candidates:
         return None
-    latest = read_pointer(root, "latest")
+    # newest step first: a finished fine-tuning run points ``latest`` at its best (possibly older) checkpoint
     ordered = sorted(candidates, reverse=True)
-    if latest and (root / latest).is_dir():
-        ordered.remove(root / latest)
-        ordered.insert(0, root / latest)
     first_error: GptforgeError | None = None
     for cand in ordered:
         try:

@@ -27,36 +27,41 @@ PEAK_BF16_FLOPS = {
 
 
 def device_peak_flops(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
-    """(peak FLOP/s, where the number comes from) for ``device``; ``None`` for unknown GPUs."""
+    """(peak FLOP/s, where the number comes from) for ``device`` in the ``precision`` actually used.
+
+    CUDA: the datasheet's dense bf16/fp16 tensor-core peak (fp32 runs on TF32 tensor cores at half of it).
+    CPU: a measured matmul in that precision's dtype. ``None`` for unknown GPUs.
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_BF16_FLOPS.items():
             if all(part.lower() in name.lower() for part in key.split()):
-                # fp32 without TF32 runs far below the tensor-core peak; report MFU against the bf16 peak anyway
-                return value, f"{key} bf16 datasheet"
+                if precision == "fp32":
+                    return value / 2, f"{key} TF32 datasheet (half the bf16 peak)"
+                return value, f"{key} {precision} datasheet"
         return None, f"unknown GPU {name!r}"
     if device.type == "cpu":
-        return measure_cpu_matmul_flops(), "measured CPU fp32 matmul"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return measure_cpu_matmul_flops(dtype=dtype), f"measured CPU {precision} matmul"
     return None, f"no peak table for {device.type}"
 
 
-_CPU_PEAK: float | None = None
+_CPU_PEAK: dict = {}
 
 
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 12) -> float:
-    """Best-of-``repeats`` fp32 matmul throughput on this CPU with the current thread count (cached)."""
-    global _CPU_PEAK
-    if _CPU_PEAK is None:
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 12, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` matmul throughput on this CPU in ``dtype`` with the current thread count (cached)."""
+    if dtype not in _CPU_PEAK:
         gen = torch.Generator().manual_seed(0)  # private: must not move the training RNG (exact resume)
-        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+        a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
         a @ b  # warm-up
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-        _CPU_PEAK = 2 * n**3 / best
-    return _CPU_PEAK
+        _CPU_PEAK[dtype] = 2 * n**3 / best
+    return _CPU_PEAK[dtype]
 
 
 class MetricsLog:
@@ -65,9 +70,10 @@ class MetricsLog:
     def __init__(self, path: str | Path, resume_from_step: int | None = None):
         self.path = Path(path)
         if resume_from_step is not None and self.path.is_file():
-            # drop records written after the checkpoint we resume from; they are about to be redone
+            # keep steps up to the checkpoint we resume from (``step`` counts completed steps); later ones are
+            # about to be redone
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < resume_from_step]
+                    if line.strip() and json.loads(line).get("step", -1) <= resume_from_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif resume_from_step is None and self.path.exists():
             self.path.unlink()
@@ -98,7 +104,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float | None = None,
                  points: int = 100) -> Path | None:
-    """Draw ``loss.png``: train loss (interval mean with min/max band) + val loss, LR, grad norm (max/mean).
+    """Draw ``loss.png`` for any stage: train loss (interval mean with min/max band) + val loss, LR, grad norm
+    (max/mean), and accuracy when the records carry it (classifiers).
 
     Non-finite values are drawn at a cap just above the finite maximum, marked with an ×.
     """
@@ -131,7 +138,10 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
         return (np.array(centers), np.array([g.mean() for g in groups]), np.array([g.min() for g in groups]),
                 np.array([g.max() for g in groups]))
 
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, gridspec_kw={"height_ratios": [3, 1, 1.5]})
+    accuracy = [(r["step"], r[k], k) for r in records for k in ("train_accuracy", "val_accuracy") if k in r]
+    ratios = [3, 1, 1.5] + ([1.5] if accuracy else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 2.2 * sum(ratios) / 1.5 + 1), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
     loss_c, loss_bad = capped(loss)
     c, mean, lo, hi = bands(loss_c)
     ax = axes[0]
@@ -157,9 +167,22 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
     if grad_clip:
         axes[2].axhline(grad_clip, color="k", linestyle="--", linewidth=1, label=f"clip {grad_clip}")
     axes[2].set_ylabel("grad norm (pre-clip)")
-    axes[2].set_xlabel("step")
     axes[2].legend(loc="upper right")
     axes[2].grid(alpha=0.3)
+    if accuracy:  # classifiers: per-step training accuracy (banded) and validation accuracy
+        ax = axes[3]
+        tr = np.array([(st, v) for st, v, k in accuracy if k == "train_accuracy"], dtype=float).reshape(-1, 2)
+        if len(tr):
+            width = max(1, math.ceil(len(tr) / points))
+            c = [tr[i:i + width, 0].mean() for i in range(0, len(tr), width)]
+            ax.plot(c, [tr[i:i + width, 1].mean() for i in range(0, len(tr), width)], label="train accuracy")
+        va = [(st, v) for st, v, k in accuracy if k == "val_accuracy"]
+        if va:
+            ax.plot(*zip(*va), "o-", color="C3", label="val accuracy")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step (optimizer steps completed)")
     fig.tight_layout()
     out_png = Path(out_png)
     return save_figure(fig, out_png, dpi=90)
@@ -180,9 +203,13 @@ def summary_text(s: dict) -> str:
         parts.append(f"MFU {100 * s['mfu']:.1f}%")
     if s.get("peak_memory") is not None:
         parts.append(f"peak memory {s['peak_memory'] / 2**30:.2f} GiB")
-    parts.append(f"final train loss {s['final_loss']:.4f}")
+    if s.get("final_loss") is not None:
+        parts.append(f"final train loss {s['final_loss']:.4f}")
     if s.get("best_val_loss") is not None:
-        parts.append(f"best val loss {s['best_val_loss']:.4f} (final {s['final_val_loss']:.4f})")
+        final = s.get("final_val_loss")
+        parts.append(f"best val loss {s['best_val_loss']:.4f}" + (f" (final {final:.4f})" if final is not None else ""))
     parts.append(f"skipped steps: {s['skipped_steps']} (non-finite grads {s['nonfinite_steps']}, "
                  f"fp16 scaler {s['scaler_skips']})")
+    if s.get("precision"):
+        parts.append(f"precision {s['precision']}" + (f" ({s['precision_reason']})" if s.get("precision_reason") else ""))
     return "; ".join(parts) + f". Outputs in {s['run_dir']}."

@@ -1,35 +1,70 @@
 """Instruction fine-tuning (SFT): a base checkpoint + chat data → an instruct model in ``runs/<name>/``.
 
-:func:`run_sft` loads the checkpoint, prepares the vocabulary for the prompt style (the chat style adds
+:func:`run_sft` loads the base model, prepares the vocabulary for the prompt style (the chat style adds
 ``<|im_start|>``/``<|im_end|>`` and grows the embedding and head rows, new rows set to the mean of the old ones),
-splits the data deterministically (default 85/5/10), trains with a warmup + cosine schedule for some epochs
-(optional NEFTune noise on the input embeddings, only while training), evaluates on the validation split each
-epoch, keeps the best weights (early stopping with patience restores them), and finally writes greedy responses
-for the test split to ``test_responses.json`` (instruction, input, reference, response, model) for judging.
+splits the data deterministically (default 85/5/10), trains through the shared core
+(:func:`gptforge.train.core.optimizer_step`: loss averaged over every supervised token of the global batch),
+with optional NEFTune noise (a forward hook on the token embedding, only while training), evaluates on the
+validation split (each epoch, or every ``train.eval_every`` steps) and checkpoints there (resumable with
+``checkpoint.resume``), stops early after ``train.patience`` evaluations without improvement, ends with the best
+weights, and writes greedy responses for the test split to ``test_responses.json`` for judging.
 
-Run directory: ``config.yaml``, ``metrics.jsonl``, ``loss.png``, ``ckpt/step_NNNNNNN/`` (model + tokenizer with
-its chat template), ``ckpt/best`` and ``ckpt/latest`` pointers, ``test_responses.json``, ``summary.json``.
+Run directory: ``config.yaml``, ``metrics.jsonl``, ``loss.png``, ``ckpt/step_NNNNNNN/`` (model + tokenizer with its
+chat template, optimizer and trainer state), ``ckpt/best`` and ``ckpt/latest`` (the run's final model),
+``test_responses.json``, ``summary.json``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
+import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from gptforge.charts import save_figure
+from gptforge.data.chat import (
+    encode_dataset,
+    encode_prompt,
+    epoch_batches,
+    load_records,
+    pad_batch,
+    prompt_messages,
+    prompt_style,
+    split_indices,
+    to_conversations,
+)
+from gptforge.engine import Engine, SamplingParams
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, IGNORE_INDEX
+from gptforge.eval.loss import mean_lm_loss
+from gptforge.io import write_json
+from gptforge.model import GPT
+from gptforge.train import checkpoint as C
+from gptforge.train import distributed as D
+from gptforge.train.core import (
+    BestKeeper,
+    CheckpointConfig,
+    LogConfig,
+    OptimConfig,
+    RunDir,
+    Runtime,
+    StopFlag,
+    TrainCommon,
+    build_optimizer,
+    load_base_model,
+    migrate_legacy_keys,
+    optimizer_step,
+    restore_rng,
+    save_training_checkpoint,
+    set_dropout,
+    setup_runtime,
+    start_checkpointing,
+    teardown_runtime,
+)
 
 __all__ = [
     "SFTConfig",
@@ -37,6 +72,7 @@ __all__ = [
     "SFTGenerateConfig",
     "SFTResult",
     "SFTTrainConfig",
+    "add_neftune",
     "neftune_hook",
     "prepare_chat_model",
     "resize_vocab",
@@ -62,25 +98,18 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(TrainCommon):
+    """SFT's ``train`` keys; precision, seed, device and grad_clip are the shared ones."""
+
     epochs: int = 2
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached)
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 5e-5
-    min_lr_ratio: float = 0.1
-    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
     neftune_alpha: float = 0.0  # NEFTune noise scale (5 in seed 000); 0 = off
     patience: int | None = None  # early stopping: evaluations without improvement before stopping
     eval_every: int | None = None  # optimizer steps between evaluations; default: once per epoch
     eval_batch_size: int = 16
     dropout: float | None = None  # override the checkpoint's dropout
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 autocast on capable GPUs
-    log_every: int = 10
 
 
 @dataclass
@@ -93,34 +122,56 @@ class SFTGenerateConfig:
 
 @dataclass
 class SFTConfig:
-    checkpoint: str = ""  # step dir, run dir or Hugging Face GPT-2 directory
+    base: str = ""  # the model to fine-tune: step dir, run dir or Hugging Face GPT-2 directory (--checkpoint)
     name: str = "sft"
     out_dir: str = "runs"
+    overwrite: bool = False  # start over in a run directory that already has checkpoints
     tokenizer: str | None = None  # only when the checkpoint carries none
-    device: str = "auto"
-    seed: int = 1337
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.03))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(keep_last=1))
+    log: LogConfig = field(default_factory=LogConfig)
     generate: SFTGenerateConfig = field(default_factory=SFTGenerateConfig)
 
+    @staticmethod
+    def migrate(data: dict) -> dict:
+        """Old spellings → shared sections (``checkpoint: PATH`` is now ``base``)."""
+        return migrate_base_key(data, "sft")
+
     def validate(self) -> SFTConfig:
-        if not self.checkpoint:
+        if not self.base:
             raise GptforgeError("sft needs a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)")
         if not self.data.sources:
             raise GptforgeError("sft needs data: --data FILE_OR_HUB_NAME (repeat for several sources)")
         if len(self.data.split) != 3:
             raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
         t = self.train
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             if getattr(t, name) < 1:
                 raise GptforgeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        if t.lr <= 0 or t.neftune_alpha < 0 or not 0 <= t.min_lr_ratio <= 1:
-            raise GptforgeError("train.lr must be > 0, train.neftune_alpha >= 0 and train.min_lr_ratio in [0, 1]")
-        if t.patience is not None and t.patience < 1:
-            raise GptforgeError(f"train.patience must be >= 1 (or unset), got {t.patience}")
+        for name in ("max_steps", "eval_every", "patience"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                raise GptforgeError(f"train.{name} must be >= 1 (or unset), got {getattr(t, name)}")
+        if t.neftune_alpha < 0:
+            raise GptforgeError(f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}")
+        if self.data.limit is not None and self.data.limit < 1:
+            raise GptforgeError(f"data.limit must be >= 1 (or unset for all data), got {self.data.limit}")
         if t.patience is not None and self.data.split[1] <= 0:
             raise GptforgeError("early stopping (train.patience) needs a validation split: data.split[1] > 0")
+        t.validate_common()
+        self.optim.validate()
+        self.checkpoint.validate()
         return self
+
+
+def migrate_base_key(data: dict, stage: str) -> dict:
+    """The base model used to be the top-level ``checkpoint`` key (now the checkpointing section): → ``base``."""
+    if isinstance(data.get("checkpoint"), str):
+        data = {**data, "base": data["checkpoint"]}
+        del data["checkpoint"]
+        print(f"gptforge: warning: {stage}: the top-level key checkpoint (the base model) is deprecated; use base")
+    return migrate_legacy_keys(data, stage)
 
 
 @dataclass
@@ -136,6 +187,7 @@ class SFTResult:
     data: dict  # split sizes and encoding statistics
     test_responses: Path | None = None
     stop_rate: float | None = None  # fraction of test responses that ended with the end-of-turn token
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT after a checkpoint (continue with --resume)
 
 
 # ---- model surgery -----------------------------------------------------------------------------------------
@@ -185,16 +237,6 @@ def prepare_chat_model(model: GPT, tokenizer, style) -> list[str]:
     return added
 
 
-def set_dropout(model: GPT, p: float) -> None:
-    """Set every dropout rate in ``model`` (modules and the attention's functional dropout) to ``p``."""
-    model.config.dropout = p
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        elif hasattr(module, "dropout") and isinstance(module.dropout, float):
-            module.dropout = p
-
-
 def neftune_hook(alpha: float):
     """NEFTune (Jain et al. 2023): add uniform noise of scale alpha/sqrt(L·d) to the input embeddings."""
     def hook(x: torch.Tensor) -> torch.Tensor:
@@ -203,106 +245,14 @@ def neftune_hook(alpha: float):
     return hook
 
 
-# ---- helpers -----------------------------------------------------------------------------------------------
+def add_neftune(model: GPT, alpha: float):
+    """Register NEFTune on the token embedding; active only in training mode. Returns the hook handle."""
+    noise = neftune_hook(alpha)
 
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return noise(output) if module.training else output
 
-def _pick_device(name: str) -> torch.device:
-    try:
-        from gptforge.train.distributed import pick_device
-
-        return pick_device(name)
-    except ImportError:  # pragma: no cover
-        return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                            ("cpu" if name == "auto" else name))
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return nullcontext(), None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return torch.autocast(device_type=device.type, dtype=dtype), scaler
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save_model_dir(ckpt_root: Path, step: int, model: GPT, tokenizer, extra: dict) -> str:
-    """Save to ``ckpt/.tmp-step_N`` and rename into place; returns the step directory name."""
-    from gptforge.checkpoint import save_model
-
-    name = f"step_{step:07d}"
-    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(tmp, model, tokenizer, extra={**extra, "step": step})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return name
-
-
-def _write_pointer(ckpt_root: Path, pointer: str, target: str) -> None:
-    tmp = ckpt_root / f".{pointer}.tmp"
-    tmp.write_text(target + "\n", encoding="utf-8")
-    os.replace(tmp, ckpt_root / pointer)
-
-
-@torch.no_grad()
-def evaluate_loss(model: GPT, examples, batch_size: int, pad_id: int, device, autocast, dist_info=None) -> float:
-    """Mean cross-entropy per supervised token over ``examples`` (token-weighted, not batch-weighted).
-
-    Under ``torchrun`` (``dist_info``) each rank scores every world_size-th example and the sums are reduced."""
-    from gptforge.data.chat import pad_batch
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths: less padding
-    if dist_info is not None and dist_info.enabled:
-        order = order[dist_info.rank::dist_info.world_size]
-    for s in range(0, len(order), batch_size):
-        batch = pad_batch([examples[i] for i in order[s:s + batch_size]], pad_id).to(device)
-        with autocast:
-            logits, _ = model(batch.input_ids)
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum").item()
-        count += batch.num_supervised
-    model.train(was_training)
-    if dist_info is not None and dist_info.enabled:
-        from gptforge.train.distributed import all_reduce_sum
-
-        sums = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=dist_info.device),
-                              dist_info)
-        total, count = sums[0].item(), int(sums[1].item())
-    return total / max(count, 1)
-
-
-def plot_losses(path: Path, train_points: list[tuple[int, float]], val_points: list[tuple[int, float]],
-                title: str) -> None:
-    """Training loss per step and validation loss per evaluation, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_points:
-        ax.plot(*zip(*train_points), label="train", alpha=0.8)
-    if val_points:
-        ax.plot(*zip(*val_points), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (supervised tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return model.transformer.wte.register_forward_hook(hook)
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -310,8 +260,6 @@ def plot_losses(path: Path, train_points: list[tuple[int, float]], val_points: l
 
 def load_conversations(cfg: SFTDataConfig, log=print):
     """All sources → conversations (each source's format detected separately); returns (convs, skipped)."""
-    from gptforge.data.chat import load_records, to_conversations
-
     conversations, skipped = [], 0
     for source in cfg.sources:
         records = load_records(source, cfg.hub_split)
@@ -327,49 +275,57 @@ def load_conversations(cfg: SFTDataConfig, log=print):
 
 
 def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
-    """Fine-tune ``config.checkpoint`` on ``config.data`` and write the run directory; see the module docstring.
+    """Fine-tune ``config.base`` on ``config.data`` and write the run directory; see the module docstring.
 
     Under ``torchrun`` every process takes every world_size-th batch (DDP averages the gradients, the loss stays
     a token-weighted mean over the global batch); only rank 0 writes files, prints and generates.
     """
-    from tqdm.auto import tqdm
-
-    from gptforge.checkpoint import load_model
-    from gptforge.config import save_config
-    from gptforge.data.chat import encode_dataset, epoch_batches, prompt_style, split_indices
-    from gptforge.tokenizer import load_tokenizer
-    from gptforge.train.distributed import all_reduce_sum, barrier, no_sync, setup, teardown, wrap_model
-    from gptforge.train.optim import LRSchedule, configure_optimizer, set_lr
-
     config.validate()
+    rt = setup_runtime(config.train, log)
+    try:
+        with StopFlag() as stop:
+            return _run(config, rt, stop, progress and config.log.progress and rt.is_main)
+    finally:
+        teardown_runtime()
+
+
+def evaluate_loss(model: GPT, examples, batch_size: int, pad_id: int, device, autocast, dist_info=None) -> float:
+    """Mean cross-entropy per supervised token over ``examples`` (token-weighted, not batch-weighted).
+
+    Under ``torchrun`` (``dist_info``) each rank scores every world_size-th example and the sums are reduced."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths: less padding
+    if dist_info is not None and dist_info.enabled:
+        order = order[dist_info.rank::dist_info.world_size]
+    batches = []
+    for s in range(0, len(order), batch_size):
+        b = pad_batch([examples[i] for i in order[s:s + batch_size]], pad_id)
+        batches.append((b.input_ids, b.targets, {}))
+    return mean_lm_loss(model, batches, autocast, dist_info)
+
+
+def _sft_loss(model, batch) -> torch.Tensor:
+    _, loss = model(batch.input_ids, targets=batch.targets, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids)
+    return loss
+
+
+def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTResult:
     dc, tc = config.data, config.train
-    torch.manual_seed(config.seed)
-    info = setup(config.device)
-    device = info.device
-    if not info.is_main:
-        log, progress = (lambda *a, **k: None), False
+    log, device = rt.log, rt.device
     conversations, skipped = load_conversations(dc, log)  # data errors surface before any heavy work
 
     # model, tokenizer, prompt style
-    model, tokenizer, meta = load_model(config.checkpoint, device="cpu")
-    if config.tokenizer:
-        tokenizer = load_tokenizer(config.tokenizer)
-    if tokenizer is None:
-        raise GptforgeError(f"{config.checkpoint} carries no tokenizer; pass --tokenizer gpt2 or a tokenizer dir")
+    model, tokenizer, meta = load_base_model(config.base, config.tokenizer, tc.dropout)
     style = prompt_style(dc.style)
     added = prepare_chat_model(model, tokenizer, style)
     if added:
         log(f"added special tokens {added}; vocabulary is now {model.config.vocab_size:,}")
-    if tc.dropout is not None:
-        set_dropout(model, tc.dropout)
     max_len = dc.max_len or model.config.block_size
     if max_len > model.config.block_size:
         raise GptforgeError(f"data.max_len {max_len} exceeds the model's context {model.config.block_size}")
 
     # data: deterministic split → tokens
     if dc.limit:
-        import random
-
         random.Random(dc.split_seed).shuffle(conversations)
         conversations = conversations[: dc.limit]
     train_idx, val_idx, test_idx = split_indices(len(conversations), dc.split, dc.split_seed)
@@ -390,189 +346,176 @@ def run_sft(config: SFTConfig, log=print, progress: bool = True) -> SFTResult:
         + f"; test {len(test_convs)} conversations")
 
     run_dir = Path(config.out_dir) / config.name
-    ckpt_root = run_dir / "ckpt"
-    if info.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+    resume_dir = start_checkpointing(run_dir, config.checkpoint, config.overwrite, rt)
 
     # optimisation
     model.to(device).train()
-    ddp = wrap_model(model, info)  # the bare model when running as one process
-    autocast, scaler = _autocast(device, tc.precision)
-    optimizer = configure_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    ddp = D.wrap_model(model, rt.dist)  # the bare model when running as one process
+    optimizer = build_optimizer(model, config.optim)
+    scaler = rt.precision.grad_scaler()
     pad_id = tokenizer.pad_id if tokenizer.pad_id < model.config.vocab_size else tokenizer.eot_id
-    window = max_len
-    world = info.world_size
-    batches_per_epoch = len(epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, window, config.seed)) // world
-    if batches_per_epoch < 1:
+    world = rt.world_size
+    seed = tc.seed
+
+    def rank_batches(epoch: int) -> list:
+        batches = epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, max_len, seed + epoch)
+        per_rank = len(batches) // world
+        return batches[rt.dist.rank: per_rank * world: world]  # this process's share, equal on every rank
+
+    first = rank_batches(0)
+    if not first:
         raise GptforgeError(f"{len(train_set)} training examples make fewer batches than the {world} processes")
-    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    steps_per_epoch = max(1, len(first) // tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
-    schedule = LRSchedule(kind=tc.schedule, max_lr=tc.lr, min_lr=tc.lr * tc.min_lr_ratio,
-                          warmup_steps=round(tc.warmup_ratio * total_steps), total_steps=total_steps)
-    hook = neftune_hook(tc.neftune_alpha) if tc.neftune_alpha > 0 else None
+    schedule = config.optim.schedule_for(total_steps)
+    if tc.neftune_alpha > 0:
+        add_neftune(model, tc.neftune_alpha)
     extra = {"sft": {"style": style.name, "end_of_turn": style.end_of_turn, "base": meta.get("path"),
                      "train_on": dc.train_on}}
 
-    metrics_path = run_dir / "metrics.jsonl"
-    if info.is_main:
-        metrics_path.write_text("", encoding="utf-8")
-    train_points: list[tuple[int, float]] = []
-    val_points: list[tuple[int, float]] = []
+    state = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "initial_val_loss": None, "val_losses": [],
+             "stopped_early": False, "nonfinite_steps": 0, "skipped_steps": 0, "elapsed": 0.0}
+    keeper = BestKeeper(mode="min", patience=tc.patience)
+    if resume_dir is not None:
+        trainer_state = C.verify_checkpoint(resume_dir)
+        weights = C.load_weights(resume_dir)
+        if model.config.tie_embeddings:
+            weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        model.load_state_dict(weights)
+        opt_state = C.load_optimizer_state(resume_dir, map_location=device)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        if scaler is not None and opt_state.get("scaler"):
+            scaler.load_state_dict(opt_state["scaler"])
+        restore_rng(rt, trainer_state)
+        state.update({k: trainer_state[k] for k in state if k in trainer_state})
+        keeper.load_state_dict(trainer_state["keeper"])
+        log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+    run = RunDir(run_dir, config, rt, config.log, resume_step=state["step"] if resume_dir else None,
+                 grad_clip=tc.grad_clip)
 
-    def record(entry: dict) -> None:
-        if not info.is_main:
-            return
-        with metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+    def validation_loss() -> float:
+        return evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, rt.precision.autocast(), rt.dist)
 
-    initial_val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast, info) if val_set else None
-    if initial_val is not None:
-        log(f"validation loss before fine-tuning: {initial_val:.4f}")
-        val_points.append((0, initial_val))
-        record({"step": 0, "epoch": 0, "val_loss": initial_val})
-    best_val, best_state, best_name = math.inf, None, None
-    bad_evals, stopped_early, step = 0, False, 0
-    val_losses: list[float] = []
-    t0 = time.time()
+    def save(step: int, val: float | None = None, is_best: bool = False) -> Path | None:
+        trainer_state = {**state, "keeper": keeper.state_dict(), "config": asdict(config)}
+        return save_training_checkpoint(
+            rt, run, step, write_model=C.gpt_writer(model, tokenizer, None, {**extra, "step": step, "val_loss": val}),
+            optimizer_state={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+            trainer_state=trainer_state, keep_last=config.checkpoint.keep_last, is_best=is_best)
 
-    def evaluate_and_keep(epoch: float) -> bool:
-        """Validation + best-checkpoint bookkeeping; returns True when early stopping triggers."""
-        nonlocal best_val, best_state, best_name, bad_evals
-        if not val_set:
-            return False
-        val = evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, autocast, info)
-        val_losses.append(val)
-        val_points.append((step, val))
-        improved = val < best_val
-        record({"step": step, "epoch": round(epoch, 3), "val_loss": val, "best": improved})
-        if improved:
-            best_val, bad_evals = val, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            old, best_name = best_name, f"step_{step:07d}"
-            if info.is_main:
-                _save_model_dir(ckpt_root, step, model, tokenizer, {**extra, "val_loss": val})
-                _write_pointer(ckpt_root, "best", best_name)
-                _write_pointer(ckpt_root, "latest", best_name)
-                if old and old != best_name:
-                    shutil.rmtree(ckpt_root / old, ignore_errors=True)
-        else:
-            bad_evals += 1
-        log(f"epoch {epoch:.2f} step {step}: val loss {val:.4f} (best {best_val:.4f})"
-            + ("" if improved else f", {bad_evals} evaluation(s) without improvement"))
-        return tc.patience is not None and bad_evals >= tc.patience
+    def evaluate_and_keep(step: int, epoch: float) -> bool:
+        """Validation + checkpoint (marked best when it improved); returns True when early stopping triggers."""
+        val = validation_loss()
+        state["val_losses"].append(val)
+        improved = keeper.update(val, step)
+        run.log({"step": step, "epoch": round(epoch, 3), "val_loss": val, "best": improved})
+        save(step, val, improved)
+        log(f"epoch {epoch:.2f} step {step}: val loss {val:.4f} (best {keeper.best:.4f})"
+            + ("" if improved else f", {keeper.bad_evals} evaluation(s) without improvement"))
+        return keeper.should_stop
 
-    bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
-    running, tokens_seen = None, 0
-    for epoch in range(tc.epochs):
-        if step >= total_steps or stopped_early:
+    if val_set and resume_dir is None:
+        state["initial_val_loss"] = validation_loss()
+        log(f"validation loss before fine-tuning: {state['initial_val_loss']:.4f}")
+        run.log({"step": 0, "epoch": 0, "val_loss": state["initial_val_loss"]})
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t0, interrupted, last_saved = time.time(), False, None
+    batches, batches_epoch = None, None
+    while state["step"] < total_steps and state["epoch"] < tc.epochs and not state["stopped_early"]:
+        if batches_epoch != state["epoch"]:
+            batches, batches_epoch = rank_batches(state["epoch"]), state["epoch"]
+        epoch_steps = max(1, len(batches) // tc.grad_accum)
+        group = [b.to(device) for b in batches[state["position"] * tc.grad_accum:
+                                               (state["position"] + 1) * tc.grad_accum]]
+        stats = optimizer_step(ddp, optimizer, group, schedule.lr_at(state["step"]), loss_fn=_sft_loss,
+                               count_fn=lambda b: b.num_supervised, rt=rt, scaler=scaler, grad_clip=tc.grad_clip)
+        state["step"] += 1
+        state["position"] += 1
+        state["tokens"] += sum(int(b.input_ids.numel()) for b in group) * world
+        state["nonfinite_steps"] += stats.nonfinite
+        state["skipped_steps"] += stats.skipped
+        step = state["step"]
+        epoch = state["epoch"] + state["position"] / epoch_steps
+        end_of_epoch = state["position"] >= epoch_steps
+        if end_of_epoch:
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+        run.log({"step": step, "epoch": round(epoch, 3), "loss": stats.loss, "lr": stats.lr,
+                 "grad_norm": stats.grad_norm, "tokens": state["tokens"], "skipped": stats.skipped,
+                 "elapsed_s": round(time.time() - t0, 2)})
+        bar.update(1)
+        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}")
+        last = step >= total_steps or state["epoch"] >= tc.epochs
+        stop_now = stop.any_rank(rt)
+        if val_set and ((tc.eval_every and step % tc.eval_every == 0) or (not tc.eval_every and end_of_epoch)
+                        or last):
+            state["stopped_early"] = evaluate_and_keep(step, epoch)
+            last_saved = step
+        elif (config.checkpoint.interval and step % config.checkpoint.interval == 0) or last or stop_now:
+            save(step)
+            last_saved = step
+        if stop_now:
+            if last_saved != step:
+                save(step)
+            interrupted = True
+            log(f"\nstopped by {stop.name} after step {step}; continue with --resume")
             break
-        batches = epoch_batches(train_set, dc.batching, tc.batch_size, pad_id, window, config.seed + epoch)
-        per_rank = len(batches) // world
-        batches = batches[info.rank: per_rank * world: world]  # this process's share, equal on every rank
-        usable = len(batches) - len(batches) % tc.grad_accum if len(batches) >= tc.grad_accum else len(batches)
-        for start in range(0, usable, tc.grad_accum):
-            group = [b.to(device) for b in batches[start:start + tc.grad_accum]]
-            n_sup = int(all_reduce_sum(torch.tensor([sum(b.num_supervised for b in group)], device=device),
-                                       info).item())  # supervised tokens in the global batch
-            if n_sup == 0:
-                raise GptforgeError(f"a training batch at step {step} has no supervised tokens; this would train on "
-                                    "a silent zero loss (check the data's assistant turns and max_len)")
-            lr = schedule.lr_at(step)
-            set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, b in enumerate(group):
-                with no_sync(ddp, i == len(group) - 1):
-                    with autocast:
-                        _, loss = ddp(b.input_ids, targets=b.targets, attention_mask=b.attention_mask,
-                                      position_ids=b.position_ids, inputs_embeds_hook=hook)
-                    weight = b.num_supervised / n_sup  # token-weighted mean over the global batch
-                    scaled = loss * (weight * world)  # DDP averages gradients over the processes
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach().double() * weight
-                tokens_seen += int(b.input_ids.numel()) * world
-            loss_sum = all_reduce_sum(loss_sum, info).item()
-            if scaler:
-                scaler.unscale_(optimizer)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running = loss_sum if running is None else 0.9 * running + 0.1 * loss_sum
-            train_points.append((step, loss_sum))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running:.3f}", lr=f"{lr:.2e}")
-            if step % tc.log_every == 0 or step == 1:
-                record({"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": loss_sum,
-                        "lr": lr, "tokens": tokens_seen, "elapsed_s": round(time.time() - t0, 2)})
-            if tc.eval_every and step % tc.eval_every == 0 and evaluate_and_keep(step / steps_per_epoch):
-                stopped_early = True
-                break
-            if step >= total_steps:
-                break
-        if not tc.eval_every and not stopped_early and evaluate_and_keep(step / steps_per_epoch):
-            stopped_early = True
     bar.close()
-    if tc.eval_every and not stopped_early and val_set and val_points[-1][0] != step:
-        evaluate_and_keep(step / steps_per_epoch)
-    if stopped_early:
+    if state["stopped_early"]:
         log(f"early stopping: {tc.patience} evaluation(s) without improvement")
 
     # final model: the best weights when validated, else the last ones
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        final_name = best_name
-        log(f"restored the best weights ({best_name}, val loss {best_val:.4f})")
+    ckpt_root = run.ckpt_root
+    if keeper.best_step is not None:
+        final = ckpt_root / C.step_dir_name(keeper.best_step)
+        C.verify_checkpoint(final)
+        weights = C.load_weights(final)
+        if model.config.tie_embeddings:
+            weights["lm_head.weight"] = weights["transformer.wte.weight"]
+        model.load_state_dict(weights)
+        log(f"restored the best weights ({final.name}, val loss {keeper.best:.4f})")
     else:
-        final_name = f"step_{step:07d}"
-        if info.is_main:
-            _save_model_dir(ckpt_root, step, model, tokenizer, extra)
-    if info.is_main:
-        _write_pointer(ckpt_root, "latest", final_name)
-        plot_losses(run_dir / "loss.png", train_points, val_points, f"SFT {config.name}")
+        final = C.find_resume_checkpoint(ckpt_root)
+    if rt.is_main and not interrupted:
+        C.write_pointer(ckpt_root, "latest", final.name)  # the run's output: what a run directory resolves to
+    run.plot()
 
-    result = SFTResult(run_dir=run_dir, checkpoint=ckpt_root / final_name, steps=step,
-                       epochs_completed=round(step / steps_per_epoch, 3), initial_val_loss=initial_val,
-                       best_val_loss=best_val if best_state is not None else None, val_losses=val_losses,
-                       stopped_early=stopped_early, data=data_info)
+    result = SFTResult(run_dir=run_dir, checkpoint=final, steps=state["step"],
+                       epochs_completed=round(state["step"] / steps_per_epoch, 3),
+                       initial_val_loss=state["initial_val_loss"],
+                       best_val_loss=keeper.best, val_losses=list(state["val_losses"]),
+                       stopped_early=state["stopped_early"], data=data_info, interrupted=interrupted)
 
-    if config.generate.enabled and test_convs and info.is_main:
+    if config.generate.enabled and test_convs and rt.is_main and not interrupted:
         result.test_responses, result.stop_rate = write_test_responses(
             model, tokenizer, style, test_convs, run_dir / "test_responses.json", config, device, progress)
         log(f"test responses: {result.test_responses} ({result.stop_rate:.0%} ended with {style.end_of_turn})")
 
-    if info.is_main:
+    if rt.is_main:
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-        _write_json(run_dir / "summary.json", summary)
-    barrier(info)
-    if info.enabled:
-        teardown()
-    log(f"SFT done: {step} steps in {time.time() - t0:.0f}s, "
-        + (f"val loss {initial_val:.4f} → {best_val:.4f}, " if initial_val is not None and best_state else "")
-        + f"model in {result.checkpoint}, metrics in {metrics_path}, chart {run_dir / 'loss.png'}")
+        summary.update(precision=rt.precision.name, precision_reason=rt.precision.reason,
+                       nonfinite_steps=state["nonfinite_steps"], skipped_steps=state["skipped_steps"])
+        write_json(run_dir / "summary.json", summary)
+    run.close()
+    D.barrier(rt.dist)
+    initial, best = state["initial_val_loss"], keeper.best
+    log(f"SFT done: {state['step']} steps in {time.time() - t0:.0f}s ({rt.precision.name}), "
+        + (f"val loss {initial:.4f} → {best:.4f}, " if initial is not None and best is not None else "")
+        + f"model in {result.checkpoint}, metrics in {run_dir / 'metrics.jsonl'}, chart {run_dir / 'loss.png'}")
     return result
 
 
 def write_test_responses(model: GPT, tokenizer, style, conversations, path: Path, config: SFTConfig, device,
                          progress: bool = True) -> tuple[Path, float]:
     """Greedy responses for ``conversations`` → JSON records (instruction, input, reference, response, model)."""
-    from gptforge.data.chat import encode_prompt, prompt_messages
-    from gptforge.engine import Engine, SamplingParams
-
     gc = config.generate
     convs = conversations[: gc.limit] if gc.limit else conversations
     engine = Engine(model, tokenizer, device=device, context_policy="slide")
     params = SamplingParams(temperature=0.0, max_new_tokens=gc.max_new_tokens)
     records, stops = [], 0
-    from tqdm.auto import tqdm
-
     for s in tqdm(range(0, len(convs), gc.batch_size), desc="test responses", unit="batch", disable=not progress):
         chunk = convs[s:s + gc.batch_size]
         prompts = [encode_prompt(prompt_messages(c), tokenizer, style) for c in chunk]
@@ -582,5 +525,5 @@ def write_test_responses(model: GPT, tokenizer, style, conversations, path: Path
             records.append({"instruction": conv.instruction, "input": conv.input, "reference": conv.reference,
                             "response": completion.text.strip(), "model": config.name,
                             "finish_reason": completion.finish_reason})
-    _write_json(path, records)
+    write_json(path, records)
     return path, stops / max(len(records), 1)
