@@ -146,6 +146,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _with_section_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A partly given section keeps the stage's own defaults for the rest (e.g. classify's constant schedule)."""
+    if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        if dataclasses.is_dataclass(default):
+            return deep_merge(dataclasses.asdict(default), value)
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`GptforgeError`."""
     hints = typing.get_type_hints(cls)
@@ -154,7 +163,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if unknown:
         known = ", ".join(sorted(fields))
         raise GptforgeError(f"unknown key {where}.{unknown[0]} (known keys in {where}: {known})")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    kwargs = {name: _coerce(_with_section_defaults(fields[name], value), hints[name], f"{where}.{name}")
+              for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
