@@ -37,9 +37,10 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> Pa
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, fsync: bool = False) -> Path:
-    """Write ``obj`` as UTF-8 JSON (non-ASCII kept, trailing newline) atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", fsync=fsync)
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, fsync: bool = False, default=None) -> Path:
+    """Write ``obj`` as UTF-8 JSON (non-ASCII kept, trailing newline) atomically; ``default`` as in json.dumps."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=default) + "\n"
+    return atomic_write_text(path, text, fsync=fsync)
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:

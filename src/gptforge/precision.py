@@ -91,12 +91,3 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             return Precision("bf16", device, f"auto: the CPU has {feature}")
         return Precision("fp32", device, f"auto: the CPU has {feature}")
     return Precision("fp32", device, f"auto: fp32 on {device.type}")
-
-
-def inference_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """Weight dtype for generation and serving, by the same rule (``None``/``auto`` → the rule's choice).
-
-    Accepts the precision names and the torch spellings (``float32``, ``bfloat16``, ``float16``).
-    """
-    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", None: "auto"}
-    return resolve_precision(aliases.get(requested, requested), device).dtype

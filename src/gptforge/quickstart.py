@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.io import write_json
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "eval", "samples")
 
@@ -93,9 +93,7 @@ class Stages:
         self.timings[name] = time.perf_counter() - start
         result = {**result, "seconds": self.timings[name]}
         self.markers.mkdir(parents=True, exist_ok=True)
-        tmp = self._marker(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"params": params, "outputs": outputs, "result": result}, indent=2, default=str))
-        os.replace(tmp, self._marker(name))
+        write_json(self._marker(name), {"params": params, "outputs": outputs, "result": result}, default=str)
         self.say(f"[{name}] done in {self.timings[name]:.1f}s")
         return result
 
@@ -140,7 +138,7 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
     summary = {"tokenizer": tok_result, "data": data_result, "pretrain": pre_result, "sft": sft_result,
                "eval": eval_result, "samples": samples, "timings": timings, "skipped": stages.skipped,
                "wall_seconds": time.perf_counter() - wall, "config": asdict(cfg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    write_json(out / "summary.json", summary, default=str)
     _write_report(cfg, out, summary)
     say(_closing_paragraph(out, summary))
     return summary
@@ -250,8 +248,8 @@ def _stage_eval(cfg: QuickstartConfig, hellaswag: str, out: Path) -> dict:
         model, tok, _ = load_model(out / name)
         loss = evaluate_loss(model, out / "data", tokenizer=tok, split="val", seq_len=cfg.seq_len)
         hs = evaluate_choice(model, tok, task="hellaswag", data=hellaswag, limit=cfg.hellaswag_items)
-        (out / "eval" / f"{name}_loss.json").write_text(json.dumps(loss, indent=2, default=str))
-        (out / "eval" / f"{name}_hellaswag.json").write_text(json.dumps(hs, indent=2, default=str))
+        write_json(out / "eval" / f"{name}_loss.json", loss, default=str)
+        write_json(out / "eval" / f"{name}_hellaswag.json", hs, default=str)
         results[name] = {"loss": loss.get("loss"), "perplexity": loss.get("perplexity"),
                          "bits_per_byte": loss.get("bits_per_byte"), "tokens": loss.get("tokens"),
                          "hellaswag_acc": hs["metrics"].get("acc"), "hellaswag_acc_norm": hs["metrics"].get("acc_norm"),
@@ -277,7 +275,7 @@ def _stage_samples(cfg: QuickstartConfig, out: Path) -> dict:
         c = chat.chat([{"role": "user", "content": q}], SamplingParams(max_new_tokens=64, temperature=0.0))
         answers.append({"question": q, "answer": c.text, "finish_reason": c.finish_reason})
     data = {"completions": completions, "chat": answers}
-    (out / "samples.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    write_json(out / "samples.json", data)
     return {"n_completions": len(completions), "n_chat": len(answers)}
 
 

@@ -13,7 +13,6 @@ atomically; a killed run continues from the last checkpoint and produces the sam
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import deque
@@ -24,13 +23,21 @@ import numpy as np
 
 from gptforge.charts import save_figure
 from gptforge.data import shards as shardfmt
+from gptforge.data.shards import ShardWriter
 from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources
+from gptforge.data.workers import (  # noqa: F401  (is_validation: the split rule, part of this module's API)
+    SPLIT_HASH_CHARS,
+    _init_local_encoder,
+    _worker_pool,
+    encode_batch,
+    encoder_payload,
+    is_validation,
+)
 from gptforge.errors import GptforgeError
-from gptforge.io import read_json, sha256_file, write_json
+from gptforge.io import read_json, write_json
 
 STATE = ".prepare_state.json"
 HISTOGRAM_PNG = "doc_lengths.png"
-SPLIT_HASH_CHARS = 1024
 FORMAT = "gptforge-shards-1"
 
 
@@ -59,176 +66,7 @@ class PrepareConfig:
     histogram: bool = True
 
 
-# ---- split rule -----------------------------------------------------------------------------------------------
-
-
-def is_validation(text: str, val_fraction: float, salt: str = "gptforge") -> bool:
-    """The stable per-document split: blake2b-64 of (salt, NUL, first 1,024 characters) / 2^64 < ``val_fraction``."""
-    if val_fraction <= 0:
-        return False
-    data = f"{salt}\0{text[:SPLIT_HASH_CHARS]}".encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2**64 < val_fraction
-
-
-# ---- workers --------------------------------------------------------------------------------------------------
-
-_ENCODER = None
-
-
-# Exercises every branch of GPT-2's regex (contractions, letters, digits, punctuation, whitespace runs, non-ASCII).
-_CHECK_TEXT = (
-    "It's 2024; they'll say: \"Don't!\"  Numbers 3.14159 and 1,000,000\n\n\tTabs   and  spaces  \n"
-    "naïve café Ünïcödé — 東京 🙂 ¿qué? I'm, we've, you're, he'd 12ab34 ...!!! end   "
-)
-
-
-def encoder_payload(tokenizer) -> tuple:
-    """A picklable description of ``tokenizer`` from which a worker rebuilds a fast plain-text encoder."""
-    from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer
-
-    if isinstance(tokenizer, TiktokenTokenizer):
-        return ("tiktoken", tokenizer._ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
-    if isinstance(tokenizer, BPETokenizer):
-        ranks = tokenizer.tiktoken_ranks()
-        if ranks is not None:  # same ids, several times faster than HF on long texts; double-checked here
-            from gptforge.tokenizer import tiktoken_encoding
-
-            enc = tiktoken_encoding(ranks, tokenizer.special_tokens)
-            if enc.encode_ordinary(_CHECK_TEXT) == tokenizer.encode(_CHECK_TEXT):
-                return ("tiktoken", ranks, dict(tokenizer.special_tokens), tokenizer.eot_id)
-        return ("hf", tokenizer._tok.to_str(), tokenizer.name, tokenizer.eot_id)
-    raise GptforgeError(f"cannot prepare data with a tokenizer of kind {tokenizer.kind!r}")
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Workers blocked on the task queue never notice a killed parent; this thread ends them."""
-    import threading
-
-    def watch():
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _init_worker(payload: tuple, dtype: str, parent: int | None = None) -> None:
-    global _ENCODER
-    if parent is not None:
-        _exit_with_parent(parent)
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if payload[0] == "tiktoken":
-        from gptforge.tokenizer import tiktoken_encoding
-
-        encode = _numpy_encoder(tiktoken_encoding(payload[1], payload[2]))
-    else:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        from gptforge.tokenizer import BPETokenizer
-
-        tok = BPETokenizer(HFTokenizer.from_str(payload[1]), name=payload[2])
-        encode = tok.encode  # special-token strings in the text stay plain text
-    _ENCODER = (encode, payload[-1], np.dtype(dtype))
-
-
-def _numpy_encoder(enc):
-    """Plain-text tiktoken encoding straight into a numpy array (no Python list of ints)."""
-
-    def encode(text: str) -> np.ndarray:
-        try:
-            return enc.encode_to_numpy(text, disallowed_special=())
-        except UnicodeEncodeError:  # lone surrogates (e.g. from JSON escapes): replace them, as tiktoken does
-            return enc.encode_to_numpy(
-                text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
-            )
-
-    return encode
-
-
-def _init_local_encoder(tokenizer, payload: tuple, dtype: np.dtype) -> None:
-    """In-process encoding (one worker): reuse GPT-2's already built tiktoken encoding."""
-    global _ENCODER
-    from gptforge.tokenizer import TiktokenTokenizer
-
-    if isinstance(tokenizer, TiktokenTokenizer):
-        _ENCODER = (_numpy_encoder(tokenizer._enc), tokenizer.eot_id, dtype)
-    else:
-        _init_worker(payload, dtype.str)
-
-
-def encode_batch(
-    texts: list[str], firsts: np.ndarray, val_fraction: float = 0.0, salt: str = "gptforge"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids of the pieces in order with an end-of-text before each document start, tokens per piece,
-    and the split (True: val) of each document starting in the batch."""
-    encode, eot, dtype = _ENCODER
-    eot_array = np.array([eot], dtype=dtype)
-    parts = []
-    counts = np.empty(len(texts), dtype=np.int64)
-    doc_val = []
-    for i, text in enumerate(texts):
-        ids = encode(text)
-        if firsts[i]:
-            parts.append(eot_array)
-            doc_val.append(is_validation(text, val_fraction, salt))
-        parts.append(ids)
-        counts[i] = len(ids) + int(firsts[i])
-    out = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
-    return out, counts, np.array(doc_val, dtype=bool)
-
-
 # ---- writing --------------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Accumulates one split's tokens and writes full shards of exactly ``shard_tokens`` tokens."""
-
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
-        self.chunks: list[np.ndarray] = []
-        self.pending = 0
-        self.shards: list[dict] = []
-        self.tokens = 0  # all tokens appended, written or pending
-
-    def append(self, tokens: np.ndarray) -> bool:
-        """Add tokens; returns True when at least one shard was written."""
-        if tokens.size == 0:
-            return False
-        self.chunks.append(tokens)
-        self.pending += tokens.size
-        self.tokens += tokens.size
-        wrote = False
-        while self.pending >= self.shard_tokens:
-            buf = np.concatenate(self.chunks)
-            self._write(buf[: self.shard_tokens])
-            rest = buf[self.shard_tokens :]
-            self.chunks, self.pending = ([rest] if rest.size else []), rest.size
-            wrote = True
-        return wrote
-
-    def tail(self) -> np.ndarray:
-        return np.concatenate(self.chunks) if self.chunks else np.empty(0, dtype=self.dtype)
-
-    def restore(self, shards: list[dict], tail: np.ndarray) -> None:
-        self.shards = list(shards)
-        self.chunks = [tail] if tail.size else []
-        self.pending = tail.size
-        self.tokens = sum(s["tokens"] for s in shards) + tail.size
-
-    def finish(self) -> None:
-        if self.pending:
-            self._write(self.tail())
-            self.chunks, self.pending = [], 0
-
-    def _write(self, tokens: np.ndarray) -> None:
-        name = shardfmt.shard_name(self.split, len(self.shards))
-        path = self.out / name
-        shardfmt.write_shard(path, tokens, self.dtype)
-        self.shards.append(
-            {"name": name, "split": self.split, "tokens": int(tokens.size), "sha256": sha256_file(path)}
-        )
 
 
 class DocStats:
@@ -658,25 +496,6 @@ class _Run:
         return manifest
 
 
-def _worker_pool(workers: int, payload: tuple, dtype: np.dtype):
-    """A process pool whose workers hold the encoder. Linux forks (fast start, the parent's tokenizer is
-    inherited); elsewhere, or with GPTFORGE_MP_START=spawn, fresh interpreters. Workers start here, before
-    any progress-bar thread exists."""
-    import multiprocessing as mp
-    import sys
-    from concurrent.futures import ProcessPoolExecutor
-
-    method = os.environ.get("GPTFORGE_MP_START") or ("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=mp.get_context(method),
-        initializer=_init_worker,
-        initargs=(payload, dtype.str, os.getpid()),
-    )
-    pool.submit(int).result()  # launch the workers now
-    return pool
-
-
 def _progress(enabled: bool, total: int | None, initial: int):
     from tqdm import tqdm
 
@@ -738,7 +557,3 @@ def plot_histogram(manifest: dict, path: Path) -> None:
     ax.set_title(f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def config_dict(cfg: PrepareConfig) -> dict:
-    return asdict(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gptforge.errors import GptforgeError
-from gptforge.io import atomic_write_bytes, read_json
+from gptforge.io import atomic_write_bytes, read_json, sha256_file
 
 MAGIC = b"GPTFSHRD"
 VERSION = 1
@@ -84,3 +84,52 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise GptforgeError(f"{path} not found: {directory} is not a prepared dataset")
     return read_json(path, "dataset manifest")
+
+
+class ShardWriter:
+    """Accumulates one split's tokens and writes full shards of exactly ``shard_tokens`` tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.chunks: list[np.ndarray] = []
+        self.pending = 0
+        self.shards: list[dict] = []
+        self.tokens = 0  # all tokens appended, written or pending
+
+    def append(self, tokens: np.ndarray) -> bool:
+        """Add tokens; returns True when at least one shard was written."""
+        if tokens.size == 0:
+            return False
+        self.chunks.append(tokens)
+        self.pending += tokens.size
+        self.tokens += tokens.size
+        wrote = False
+        while self.pending >= self.shard_tokens:
+            buf = np.concatenate(self.chunks)
+            self._write(buf[: self.shard_tokens])
+            rest = buf[self.shard_tokens :]
+            self.chunks, self.pending = ([rest] if rest.size else []), rest.size
+            wrote = True
+        return wrote
+
+    def tail(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.empty(0, dtype=self.dtype)
+
+    def restore(self, shards: list[dict], tail: np.ndarray) -> None:
+        self.shards = list(shards)
+        self.chunks = [tail] if tail.size else []
+        self.pending = tail.size
+        self.tokens = sum(s["tokens"] for s in shards) + tail.size
+
+    def finish(self) -> None:
+        if self.pending:
+            self._write(self.tail())
+            self.chunks, self.pending = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = shard_name(self.split, len(self.shards))
+        path = self.out / name
+        write_shard(path, tokens, self.dtype)
+        self.shards.append(
+            {"name": name, "split": self.split, "tokens": int(tokens.size), "sha256": sha256_file(path)}
+        )

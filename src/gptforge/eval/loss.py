@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from gptforge.charts import save_figure
 from gptforge.errors import GptforgeError
+from gptforge.io import write_json  # noqa: F401  (re-exported for callers of the old name)
 from gptforge.precision import pick_device, resolve_precision
 from gptforge.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
 
@@ -432,13 +433,3 @@ def plot_losses(results: list[dict], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path

@@ -21,7 +21,7 @@ import torch
 
 from gptforge.checkpoint import save_model
 from gptforge.errors import GptforgeError
-from gptforge.io import fsync_dir, sha256_file
+from gptforge.io import atomic_write_text, fsync_dir, sha256_file
 
 FILES_MANIFEST = "files.json"
 OPTIMIZER = "optimizer.pt"
@@ -44,11 +44,7 @@ def _fsync_tree(directory: Path) -> None:
 
 def write_pointer(ckpt_root: Path, name: str, target: str) -> None:
     """Atomically write pointer file ``ckpt_root/name`` (``latest`` or ``best``) naming ``target``."""
-    tmp = ckpt_root / f".{name}.tmp"
-    tmp.write_text(target + "\n", encoding="utf-8")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_root / name)
+    atomic_write_text(Path(ckpt_root) / name, target + "\n", fsync=True)
     fsync_dir(ckpt_root)
 
 
@@ -198,3 +194,11 @@ def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     from gptforge.checkpoint import WEIGHTS
 
     return load_file(str(Path(directory) / WEIGHTS))
+
+
+def load_gpt_weights(model, directory: str | Path) -> None:
+    """Load a checkpoint's GPT weights into ``model`` (re-tying a tied head)."""
+    weights = load_weights(directory)
+    if model.config.tie_embeddings:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    model.load_state_dict(weights)

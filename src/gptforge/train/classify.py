@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from gptforge.data.chat import split_indices
+from gptforge.data.batching import split_indices
 from gptforge.data.labelled import ClassifyDataConfig, balance_classes, class_order, read_labelled
 from gptforge.errors import GptforgeError
 from gptforge.io import read_json, write_json
@@ -47,9 +47,11 @@ from gptforge.train.core import (
     StopFlag,
     TrainCommon,
     build_optimizer,
+    finish_with_best,
     load_base_model,
     optimizer_step,
-    restore_rng,
+    require_at_least_one,
+    restore_checkpoint,
     save_training_checkpoint,
     setup_runtime,
     start_checkpointing,
@@ -115,14 +117,8 @@ class ClassifyConfig:
         if len(self.data.split) != 3:
             raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
         t = self.train
-        for name in ("epochs", "batch_size", "eval_batch_size", "last_k"):
-            if getattr(t, name) < 1:
-                raise GptforgeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("max_steps", "eval_every"):
-            if getattr(t, name) is not None and getattr(t, name) < 1:
-                raise GptforgeError(f"train.{name} must be >= 1 (or unset), got {getattr(t, name)}")
-        if self.data.limit is not None and self.data.limit < 1:
-            raise GptforgeError(f"data.limit must be >= 1 (or unset for all data), got {self.data.limit}")
+        require_at_least_one(t, "train", ("epochs", "batch_size", "eval_batch_size", "last_k"), ("max_steps", "eval_every"))
+        require_at_least_one(self.data, "data", (), ("limit",))
         t.validate_common()
         self.optim.validate()
         self.checkpoint.validate()
@@ -253,9 +249,7 @@ def classifier_writer(model: Classifier, tokenizer, info: dict):
     return write
 
 
-def _load_weights(directory: Path, verify: bool = False) -> dict[str, torch.Tensor]:
-    if verify:
-        C.verify_checkpoint(directory)
+def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / WEIGHTS))
 
 
@@ -389,13 +383,8 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     state = {"step": 0, "nonfinite_steps": 0, "skipped_steps": 0}
     keeper = BestKeeper(mode="max")  # (accuracy, -loss)
     if resume_dir is not None:
-        trainer_state = C.verify_checkpoint(resume_dir)
-        model.load_state_dict(_load_weights(resume_dir))
-        opt_state = C.load_optimizer_state(resume_dir, map_location=device)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        if scaler is not None and opt_state.get("scaler"):
-            scaler.load_state_dict(opt_state["scaler"])
-        restore_rng(rt, trainer_state)
+        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=lambda d: model.load_state_dict(_load_weights(d)),
+                                           load_optimizer=optimizer.load_state_dict, scaler=scaler)
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
         log(f"resumed from {resume_dir} at step {state['step']}")
@@ -465,15 +454,7 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
             break
     bar.close()
 
-    root = run.ckpt_root
-    if keeper.best_step is not None:
-        final = root / C.step_dir_name(keeper.best_step)
-        model.load_state_dict(_load_weights(final, verify=True))
-        log(f"kept the weights with the best validation accuracy ({final.name})")
-    else:  # no validation split: the last weights
-        final = C.find_resume_checkpoint(root)
-    if not interrupted:
-        C.write_pointer(root, "latest", final.name)  # the run's output: what a run directory resolves to
+    final = finish_with_best(rt, run, keeper, lambda d: model.load_state_dict(_load_weights(d)), interrupted)
 
     metrics = {name: evaluate(model, ids, ys, len(labels), tc.eval_batch_size, pad_id, device, autocast())
                for name, (ids, ys) in encoded.items() if ids}

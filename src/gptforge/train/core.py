@@ -264,7 +264,7 @@ class StopFlag:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopFlag:
+    def __enter__(self) -> StopFlag:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -529,3 +529,44 @@ def save_training_checkpoint(rt: Runtime, run: RunDir, step: int, *, write_model
 def restore_rng(rt: Runtime, trainer_state: dict) -> None:
     rngs = trainer_state["rng"]
     set_rng_state(rngs[rt.dist.rank] if rt.dist.rank < len(rngs) else rngs[0])
+
+
+def restore_checkpoint(directory: Path, rt: Runtime, *, load_weights: Callable[[Path], None],
+                       load_optimizer: Callable[[dict], None], scaler=None) -> dict:
+    """Resume from ``directory``: verify it, load weights, optimizer and scaler state and this rank's RNG state;
+    returns the trainer state (step, the stage's position, keeper, ...)."""
+    trainer_state = C.verify_checkpoint(directory)
+    load_weights(directory)
+    opt_state = C.load_optimizer_state(directory, map_location=rt.device)
+    load_optimizer(opt_state["optimizer"])
+    if scaler is not None and opt_state.get("scaler"):
+        scaler.load_state_dict(opt_state["scaler"])
+    restore_rng(rt, trainer_state)
+    return trainer_state
+
+
+def finish_with_best(rt: Runtime, run: RunDir, keeper: BestKeeper, load_weights: Callable[[Path], None],
+                     interrupted: bool = False) -> Path:
+    """End a fine-tuning run on its best checkpoint (else its newest): load those weights and point ``latest``
+    at it, so the run directory resolves to the run's result."""
+    root = run.ckpt_root
+    if keeper.best_step is not None:
+        final = root / C.step_dir_name(keeper.best_step)
+        C.verify_checkpoint(final)
+        load_weights(final)
+        rt.log(f"restored the best weights ({final.name}, best evaluation {keeper.best})")
+    else:
+        final = C.find_resume_checkpoint(root)
+    if rt.is_main and not interrupted:
+        C.write_pointer(root, "latest", final.name)
+    D.barrier(rt.dist)
+    return final
+
+
+def require_at_least_one(section, where: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """``where.name >= 1`` for each of ``names``, and for each of ``optional`` unless it is unset (None)."""
+    for name in (*names, *optional):
+        value = getattr(section, name)
+        if (value is not None or name in names) and (value is None or value < 1):
+            raise GptforgeError(f"{where}.{name} must be >= 1" + (" (or unset)" if name in optional else "")
+                                + f", got {value}")

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gptforge.precision import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -29,16 +31,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(requested)
 
 
 def setup(requested_device: str = "auto") -> DistInfo:
@@ -86,13 +78,6 @@ def no_sync(model: nn.Module, last_micro_step: bool):
     elif hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(True)
     return nullcontext()
-
-
-def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= info.world_size
-    return t
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gptforge.charts import save_figure
+from gptforge.io import iter_jsonl
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' datasheets.
 PEAK_BF16_FLOPS = {
@@ -94,12 +95,9 @@ def _jsonable(v):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out.append({k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in rec.items()})
-    return out
+    """The records of a ``metrics.jsonl`` (non-finite values, stored as strings, back as floats)."""
+    return [{k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in rec.items()}
+            for _, rec in iter_jsonl(path)]
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float | None = None,

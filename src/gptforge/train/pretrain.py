@@ -36,7 +36,7 @@ from gptforge.train.core import (
     StopFlag,
     build_optimizer,
     optimizer_step,
-    restore_rng,
+    restore_checkpoint,
     save_training_checkpoint,
     set_dropout,
     setup_runtime,
@@ -144,17 +144,6 @@ def _available_ram() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _available_ram() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def validation_loss(model, windows: np.ndarray, micro_batch: int, rt: Runtime) -> float:
     """Mean next-token loss over the fixed validation windows, split across ranks (the shared evaluator)."""
     mine = windows[rt.dist.rank::rt.world_size]
@@ -233,22 +222,19 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
                    "skipped_steps": 0, "elapsed": 0.0, "loss": float("nan"), "val_loss": None}
     keeper = BestKeeper(mode="min")
     if resume_dir is not None:
-        trainer_state = C.verify_checkpoint(resume_dir)
-        weights = C.load_weights(resume_dir)
-        if bare.config.tie_embeddings:
-            weights["lm_head.weight"] = weights["transformer.wte.weight"]
-        if sharded:
+        def load_weights(directory: Path) -> None:
+            if not sharded:
+                return C.load_gpt_weights(bare, directory)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+            weights = C.load_weights(directory)
+            if bare.config.tie_embeddings:
+                weights["lm_head.weight"] = weights["transformer.wte.weight"]
             set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            bare.load_state_dict(weights)
-        opt_state = C.load_optimizer_state(resume_dir, map_location=device)
-        D.load_optimizer(model, optimizer, opt_state["optimizer"], strategy)
-        if scaler is not None and opt_state.get("scaler"):
-            scaler.load_state_dict(opt_state["scaler"])
+
+        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=load_weights, scaler=scaler,
+                                           load_optimizer=lambda s: D.load_optimizer(model, optimizer, s, strategy))
         loader.load_state_dict(trainer_state["loader"])
-        restore_rng(rt, trainer_state)
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         if trainer_state.get("keeper"):
             keeper.load_state_dict(trainer_state["keeper"])

@@ -124,20 +124,6 @@ class Plan:
         return self.total_steps * self.tokens_per_step
 
 
-@dataclass
-class PretrainResult:
-    run_dir: Path
-    steps: int  # optimizer steps completed (global)
-    tokens: int
-    final_loss: float
-    final_val_loss: float | None
-    best_val_loss: float | None
-    checkpoint: Path | None
-    interrupted: bool
-    summary: dict
-
-
-
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 

@@ -27,15 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gptforge.data.batching import epoch_batches, pad_batch, split_indices
 from gptforge.data.chat import (
     encode_dataset,
     encode_prompt,
-    epoch_batches,
     load_records,
-    pad_batch,
     prompt_messages,
     prompt_style,
-    split_indices,
     to_conversations,
 )
 from gptforge.engine import Engine, SamplingParams
@@ -55,10 +53,12 @@ from gptforge.train.core import (
     StopFlag,
     TrainCommon,
     build_optimizer,
+    finish_with_best,
     load_base_model,
     migrate_legacy_keys,
     optimizer_step,
-    restore_rng,
+    require_at_least_one,
+    restore_checkpoint,
     save_training_checkpoint,
     set_dropout,
     setup_runtime,
@@ -147,16 +147,11 @@ class SFTConfig:
         if len(self.data.split) != 3:
             raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
         t = self.train
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
-            if getattr(t, name) < 1:
-                raise GptforgeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("max_steps", "eval_every", "patience"):
-            if getattr(t, name) is not None and getattr(t, name) < 1:
-                raise GptforgeError(f"train.{name} must be >= 1 (or unset), got {getattr(t, name)}")
+        require_at_least_one(t, "train", ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
+                             ("max_steps", "eval_every", "patience"))
+        require_at_least_one(self.data, "data", (), ("limit",))
         if t.neftune_alpha < 0:
             raise GptforgeError(f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}")
-        if self.data.limit is not None and self.data.limit < 1:
-            raise GptforgeError(f"data.limit must be >= 1 (or unset for all data), got {self.data.limit}")
         if t.patience is not None and self.data.split[1] <= 0:
             raise GptforgeError("early stopping (train.patience) needs a validation split: data.split[1] > 0")
         t.validate_common()
@@ -379,16 +374,8 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
              "stopped_early": False, "nonfinite_steps": 0, "skipped_steps": 0, "elapsed": 0.0}
     keeper = BestKeeper(mode="min", patience=tc.patience)
     if resume_dir is not None:
-        trainer_state = C.verify_checkpoint(resume_dir)
-        weights = C.load_weights(resume_dir)
-        if model.config.tie_embeddings:
-            weights["lm_head.weight"] = weights["transformer.wte.weight"]
-        model.load_state_dict(weights)
-        opt_state = C.load_optimizer_state(resume_dir, map_location=device)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        if scaler is not None and opt_state.get("scaler"):
-            scaler.load_state_dict(opt_state["scaler"])
-        restore_rng(rt, trainer_state)
+        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=lambda d: C.load_gpt_weights(model, d),
+                                           load_optimizer=optimizer.load_state_dict, scaler=scaler)
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
@@ -468,19 +455,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         log(f"early stopping: {tc.patience} evaluation(s) without improvement")
 
     # final model: the best weights when validated, else the last ones
-    ckpt_root = run.ckpt_root
-    if keeper.best_step is not None:
-        final = ckpt_root / C.step_dir_name(keeper.best_step)
-        C.verify_checkpoint(final)
-        weights = C.load_weights(final)
-        if model.config.tie_embeddings:
-            weights["lm_head.weight"] = weights["transformer.wte.weight"]
-        model.load_state_dict(weights)
-        log(f"restored the best weights ({final.name}, val loss {keeper.best:.4f})")
-    else:
-        final = C.find_resume_checkpoint(ckpt_root)
-    if rt.is_main and not interrupted:
-        C.write_pointer(ckpt_root, "latest", final.name)  # the run's output: what a run directory resolves to
+    final = finish_with_best(rt, run, keeper, lambda d: C.load_gpt_weights(model, d), interrupted)
     run.plot()
 
     result = SFTResult(run_dir=run_dir, checkpoint=final, steps=state["step"],
