@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from gptforge.commands import add_parser
@@ -111,6 +112,8 @@ def _register_choice(esub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer when the checkpoint has none")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps … (default: auto = CUDA, else MPS, else CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: the one precision rule, bf16 where the CPU/GPU computes it natively)")
     p.add_argument("--out", default=None, help="results JSON path (default: <run>/eval/<task>.json for run "
                                                "checkpoints, else ./eval_<task>.json)")
     p.set_defaults(func=run_choice)
@@ -121,7 +124,7 @@ def run_choice(args) -> int:
     from gptforge.errors import GptforgeError
     from gptforge.eval.choice import evaluate_choice, format_summary
     from gptforge.io import write_json
-    from gptforge.precision import pick_device
+    from gptforge.precision import pick_device, resolve_precision
     from gptforge.tokenizer import load_tokenizer
 
     options: dict = {"subjects": args.subjects}
@@ -134,12 +137,17 @@ def run_choice(args) -> int:
             options[mapping[role]] = name
         options.update(template=args.template.replace("\\n", "\n") if args.template else None,
                        delimiter=args.delimiter)
-    model, tokenizer, meta = load_model(args.checkpoint, device=pick_device(args.device))
+    device = pick_device(args.device)
+    names = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    precision = resolve_precision(names[args.dtype], device)
+    model, tokenizer, meta = load_model(args.checkpoint, device=device, dtype=precision.dtype)
+    print(f"gptforge: {device} {precision.describe}", file=sys.stderr)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     result = evaluate_choice(model, tokenizer, args.task, data=args.data, limit=args.limit,
                              num_fewshot=args.num_fewshot, batch_size=args.batch_size, **options)
     result["checkpoint"] = meta["path"]
+    result["precision"] = precision.describe
     print(format_summary(result))
     if args.out:
         out = Path(args.out)

@@ -23,6 +23,7 @@ from gptforge.errors import GptforgeError
 from gptforge.hf import config_from_hf
 from gptforge.memory import human_bytes, training_memory
 from gptforge.model import GPT, PRESETS, GPTConfig, count_params, flops_per_token
+from gptforge.precision import pick_device, resolve_precision
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.core import CheckpointConfig, LogConfig, OptimConfig, TrainCommon
 
@@ -300,7 +301,10 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
         plan = compute_plan(probe, model_config, world, mb, None)
     else:
         plan = compute_plan(cfg, model_config, world, mb, train_tokens)
-    precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16 (on CUDA) / fp32 (CPU)"
+    precision = cfg.train.precision
+    if precision == "auto":  # the rule, and what it gives on this machine's default device
+        here = resolve_precision("auto", pick_device(cfg.train.device))
+        precision = f"auto (bf16 where the GPU/CPU computes it natively; here {here.describe})"
     mem_precision = cfg.train.precision if cfg.train.precision in ("fp32", "bf16", "fp16") else "bf16"
     mem = training_memory(model_config, plan.micro_batch, plan.seq_len, mem_precision)
     info = {
