@@ -476,6 +476,8 @@ def render(suite: dict) -> str:
                     section_quickstart):
         lines += section(suite)
     lines += NOTES
+    for extra in sorted(BENCH.glob("results_*.md")):  # dated results of one-off comparisons (bench_loop.py)
+        lines += ["", *extra.read_text(encoding="utf-8").splitlines()]
     return "\n".join(lines).rstrip() + "\n"
 
 

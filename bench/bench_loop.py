@@ -11,20 +11,30 @@ what a user gets by default (on a bf16-capable CPU: the new bf16 gain).
 Method: runs are interleaved in rounds (round 0: before, after; round 1: after, before; ... per precision) so
 machine drift hits both trees alike. Each run gets a fresh ``--name``. The figure per run is the median of the
 per-step ``tokens_per_s`` in its ``metrics.jsonl`` after the first ``--skip`` steps (both trees write it per
-step; the old tree numbers ``step`` from 0, the new from 1, so records are taken in file order); wall time
-of the whole subprocess is recorded too. The table shows, per config and precision, the median over runs and
-the min-max spread over runs, and the ratio after/before of the medians. For SFT the figure is training
-tokens/s between the step-1 and the last step-multiple-of-10 records (``tokens`` / ``elapsed_s``, which both trees
-log), since the old SFT loop does not log per-step throughput. Torch threads: ``OMP_NUM_THREADS`` = ``--threads``
-for every run. The CPU model and its avx2 / avx512_bf16 / amx_bf16 / amx_tile flags are printed with every result.
+step; the old tree numbers ``step`` from 0, the new from 1, so records are taken in file order); wall time of
+the whole subprocess is recorded too. The table shows, per config and precision, the median over runs, the
+min-max spread over runs, and the ratio after/before of the medians. Before each run the script waits until the
+machine is idle, and it measures how much CPU other processes took during the run; a run disturbed by more than
+``--max-foreign`` of the cores is kept in the JSON but left out of the table and re-run. For SFT the figure is
+training tokens/s between the step-1 and the last step-multiple-of-10 records (``tokens`` / ``elapsed_s``, which
+both trees log), since the old SFT loop does not log per-step throughput. Torch threads: ``OMP_NUM_THREADS`` =
+``--threads`` for every run. The CPU model and its avx2 / avx512_bf16 / amx_bf16 / amx_tile flags are printed
+with every result.
 
-Prepare the data once, make a read-only copy of the old tree, then run (from the repo root, venv active)::
+Prepare the data once and make read-only copies of both trees (pin the new one too when someone is editing
+``src/`` meanwhile), then run from the repo root with the venv active::
 
     git worktree add /tmp/gptforge-before dd941c2
+    git worktree add /tmp/gptforge-after HEAD
     PYTHONPATH=src python -m gptforge data prepare $GPTFORGE_DATA_DIR/pretrain/tinyshakespeare.txt \\
         --tokenizer gpt2 --out /tmp/bench-shards
-    python bench/bench_loop.py --before /tmp/gptforge-before/src --after src --configs tiny256,l4d256 \\
-        --rounds 3 --sft --out bench/out/loop.json
+    python bench/bench_loop.py --before /tmp/gptforge-before/src --after /tmp/gptforge-after/src \\
+        --configs tiny256:4,l4d256:3 --sft --sft-rounds 5 --out bench/out/loop.json
+    # the quickstart's model on the quickstart's 4k-BPE shards (<quickstart --out>/data):
+    python bench/bench_loop.py ... --data /tmp/qs-old/data --configs mini:5 --out bench/out/loop_mini.json
+    # SFT alone, a longer timed window, from a given checkpoint:
+    python bench/bench_loop.py ... --configs "" --sft --sft-limit 1000 --sft-checkpoint RUN/ckpt/step_N \\
+        --out bench/out/loop_sft1000.json
 
 It writes ``--out`` (JSON, rewritten after every run, so a cut-short run keeps what it measured) and the markdown
 table next to it (``.md``), and prints the table. Run nothing else on the machine meanwhile.
@@ -51,6 +61,9 @@ CONFIGS = {
     # the "tiny" preset (L2 D64 H2) with a 256-token context; vocab = the data's tokenizer (GPT-2, 50,257)
     "tiny256": {"args": ["--model.preset=tiny", "--model.block_size=256"], "seq_len": 256, "micro_batch": 16,
                 "steps": 40, "label": "tiny preset L2 D64 H2, T256 B16, vocab 50,257"},
+    # the quickstart's model: "mini" preset (L4 D128 H4) on its 4,096-token BPE (--data <quickstart out>/data)
+    "mini": {"args": ["--model.preset=mini"], "seq_len": 256, "micro_batch": 16, "steps": 60,
+             "label": "mini preset L4 D128 H4, T256 B16, vocab of --data (quickstart: 4,096)"},
     # L4 D256 H4, as in bench_train.py, on GPT-2 tokens (the 50,257-row head dominates the FLOPs)
     "l4d256": {"args": ["--model.preset=tiny", "--model.n_layer=4", "--model.n_embd=256", "--model.n_head=4",
                            "--model.block_size=256"], "seq_len": 256, "micro_batch": 16, "steps": 15,
@@ -274,7 +287,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         for side in ("before", "after"):
             rs = [r for r in runs if (r["stage"], r["config"], r["precision_asked"], r["side"]) == (stage, config, prec,
                                                                                                      side)]
-            ok = [r for r in rs if r["rc"] == 0 and r["tokens_per_s"]]
+            ok = [r for r in rs if r["rc"] == 0 and r["tokens_per_s"] and not r.get("disturbed")]
             tps = [r["tokens_per_s"] for r in ok]
             walls = [r["wall_s"] for r in ok]
             row[side] = {"runs": len(rs), "ok": len(ok),
@@ -283,7 +296,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                          "wall_s_median": statistics.median(walls) if walls else None,
                          "wall_s_min": min(walls, default=None), "wall_s_max": max(walls, default=None),
                          "precision_used": sorted({str(r["precision_used"]) for r in rs}),
-                         "max_foreign_share": max((r.get("foreign_share", 0) for r in rs), default=None)}
+                         "disturbed": sum(bool(r.get("disturbed")) for r in rs),
+                         "max_foreign_share": max((r.get("foreign_share", 0) for r in ok), default=None)}
         b, f = row["before"]["tokens_per_s_median"], row["after"]["tokens_per_s_median"]
         row["ratio_after_before"] = f / b if b and f else None
         bw, fw = row["before"]["wall_s_median"], row["after"]["wall_s_median"]
@@ -299,30 +313,35 @@ def markdown(result: dict) -> str:
         return f"{s['tokens_per_s_median']:,.0f} ({s['tokens_per_s_min']:,.0f}–{s['tokens_per_s_max']:,.0f})"
 
     def wall(s):
-        return "—" if s["wall_s_median"] is None else f"{s['wall_s_median']:.1f} ({s['wall_s_min']:.1f}–{s['wall_s_max']:.1f})"
+        if s["wall_s_median"] is None:
+            return "—"
+        return f"{s['wall_s_median']:.1f} ({s['wall_s_min']:.1f}–{s['wall_s_max']:.1f})"
 
     lines = [f"- {cpu_line(result['cpu'])}",
-             (f"- Date: {result['started']} → {result['finished'] or '(running)'}; {result['threads']} torch threads "
-             f"(OMP_NUM_THREADS) on both sides; python {result['python']}"),
+             (f"- Date: {result['started']} → {result['finished'] or '(running)'}; {result['threads']} torch "
+              f"threads (OMP_NUM_THREADS) on both sides; python {result['python']}"),
              f"- before: {json.dumps(result['trees']['before'])}", f"- after: {json.dumps(result['trees']['after'])}",
              ""]
     for c in sorted({r["config"] for r in result["summary"]}):
         if c in CONFIGS:
             lines.append(f"- `{c}`: {CONFIGS[c]['label']}, {result['steps'].get(c)} steps, median of per-step "
                          f"tokens/s after the first {result['skip']} steps")
-    lines += ["", ("| stage | config | --train.precision | used (before → after) | before tok/s median (min–max) | "
-              "after tok/s median (min–max) | after/before | wall s before | wall s after | runs b/a | max other-CPU |"),
+    lines += ["", ("| stage | config | --train.precision | used (before → after) | before tok/s median (min–max) "
+                   "| after tok/s median (min–max) | after/before | wall s before | wall s after "
+                   "| counted runs b · a | max other-CPU |"),
               "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in result["summary"]:
         b, f = row["before"], row["after"]
         used = f"{', '.join(b['precision_used'])} → {', '.join(f['precision_used'])}"
         ratio = "—" if row["ratio_after_before"] is None else f"{row['ratio_after_before']:.3f}×"
         lines.append(f"| {row['stage']} | {row['config']} | {row['precision']} | {used} | {tps(b)} | {tps(f)} | "
-                     f"{ratio} | {wall(b)} | {wall(f)} | {b['ok']}/{b['runs']} · {f['ok']}/{f['runs']} | "
+                     f"{ratio} | {wall(b)} | {wall(f)} | {b['ok']} · {f['ok']} "
+                     f"({b['disturbed'] + f['disturbed']} re-run) | "
                      f"{max(b['max_foreign_share'] or 0, f['max_foreign_share'] or 0):.0%} |")
     lines += ["", ("_max other-CPU: the largest share of the machine's cores that processes not started by this "
-              "benchmark used during any one run of the row (machine busy time from /proc/stat minus the run's own "
-              "CPU time); near 0% means the runs had the machine to themselves._")]
+                   "benchmark used during any one counted run of the row (machine busy time from /proc/stat minus "
+                   f"the run's own CPU time). Runs above --max-foreign ({result['max_foreign']:.0%}) are flagged "
+                   "'disturbed', kept in the JSON, left out of the table and re-run._")]
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +354,8 @@ def main() -> None:
     p.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1] / "src", help="new tree's src/")
     p.add_argument("--data", default="/tmp/bench-shards", help="prepared shards (gptforge data prepare, gpt2)")
     p.add_argument("--runs", default="/tmp/bench-runs", help="--out_dir of the runs (left in place)")
-    p.add_argument("--configs", default="tiny256", help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default="tiny256",
+                   help=f"comma-separated, of: {', '.join(CONFIGS)}; NAME:ROUNDS overrides --rounds for one")
     p.add_argument("--precisions", default="fp32,auto")
     p.add_argument("--rounds", type=int, default=3, help="runs per tree, precision and config")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per config)")
@@ -350,6 +370,10 @@ def main() -> None:
                    help="base model for SFT (default: the final checkpoint of the first 'before' pretrain run)")
     p.add_argument("--quiet-threshold", type=float, default=0.15,
                    help="before each run, wait until the machine's busy share is below this (0 = don't wait)")
+    p.add_argument("--max-foreign", type=float, default=0.05,
+                   help="a run during which other processes used more than this share of the cores is flagged "
+                        "'disturbed', left out of the summary and re-run")
+    p.add_argument("--retries", type=int, default=3, help="re-runs of a disturbed slot")
     p.add_argument("--max-wait", type=float, default=1800, help="longest wait for quiet before one run, seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "loop.json")
     a = p.parse_args()
@@ -359,12 +383,17 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     trees = {"before": a.before, "after": a.after}
     imports = {side: check_import(src, base_env(src, a.threads)) for side, src in trees.items()}
-    configs = [c for c in a.configs.split(",") if c]
+    configs = [c.split(":")[0] for c in a.configs.split(",") if c]
+    rounds = {c.split(":")[0]: int(c.split(":")[1]) if ":" in c else a.rounds for c in a.configs.split(",") if c}
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     precisions = [x for x in a.precisions.split(",") if x]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     result = {"started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "finished": None,
               "cpu": cpu_info(), "python": platform.python_version(), "threads": a.threads, "skip": a.skip,
-              "steps": {c: a.steps or CONFIGS[c]["steps"] for c in configs},
+              "max_foreign": a.max_foreign,
+              "steps": {c: a.steps or CONFIGS[c]["steps"] for c in configs}, "rounds": rounds,
               "trees": {side: {**tree_state(src), "imports": imports[side]} for side, src in trees.items()},
               "argv": sys.argv, "runs": [], "summary": []}
     print(cpu_line(result["cpu"]), flush=True)
@@ -380,25 +409,32 @@ def main() -> None:
     def quiet():
         LAST_WAIT["s"] = wait_quiet(a.max_wait, a.quiet_threshold) if a.quiet_threshold > 0 else 0.0
 
-    def record(r: dict):
+    def record(r: dict) -> bool:
+        """Keep the run; True when other processes disturbed it (it is kept, flagged, and the slot is re-run)."""
         r["tree_state"] = tree_state(trees[r["side"]]) if r["side"] == "after" else None
+        r["disturbed"] = r["foreign_share"] > a.max_foreign
         result["runs"].append(r)
         tps = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         print(f"  {r['stage']:8s} {r['config']:14s} {r['precision_asked']:4s} {r['side']:6s} rc={r['rc']} "
               f"{tps:>7s} tok/s  wall {r['wall_s']:6.1f}s  other-CPU {r['foreign_share']:.0%}  "
               f"used: {r['precision_used']}"
-              + (f"  ERROR: {r['tail']}" if r["rc"] else ""), flush=True)
+              + (f"  ERROR: {r['tail']}" if r["rc"] else "")
+              + ("  (disturbed by other processes: not counted, re-run)" if r["disturbed"] else ""), flush=True)
         save()
+        return r["disturbed"]
 
     n = 0
     for config in configs:
-        for rnd in range(a.rounds):
+        for rnd in range(rounds[config]):
             order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
             for prec in precisions:
                 for side in order:
-                    n += 1
-                    quiet()
-                    record(pretrain_run(trees[side], side, config, prec, f"{stamp}-{n:03d}-{config}-{prec}-{side}", a))
+                    for _attempt in range(a.retries + 1):
+                        n += 1
+                        quiet()
+                        name = f"{stamp}-{n:03d}-{config}-{prec}-{side}"
+                        if not record(pretrain_run(trees[side], side, config, prec, name, a)):
+                            break
 
     if a.sft:
         ckpt = a.sft_checkpoint
@@ -414,10 +450,12 @@ def main() -> None:
             order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
             for prec in precisions:
                 for side in order:
-                    n += 1
-                    quiet()
-                    record(sft_run(trees[side], side, prec, f"{stamp}-{n:03d}-sft-{prec}-{side}",
-                                   result["sft_checkpoint"], a))
+                    for _attempt in range(a.retries + 1):
+                        n += 1
+                        quiet()
+                        name = f"{stamp}-{n:03d}-sft-{prec}-{side}"
+                        if not record(sft_run(trees[side], side, prec, name, result["sft_checkpoint"], a)):
+                            break
 
     result["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     save()
