@@ -424,17 +424,23 @@ def main() -> None:
         return r["disturbed"]
 
     n = 0
-    for config in configs:
-        for rnd in range(rounds[config]):
+
+    def interleaved(n_rounds: int, label: str, run) -> None:
+        """Rounds alternating which side goes first; a disturbed run is retried up to --retries times."""
+        nonlocal n
+        for rnd in range(n_rounds):
             order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
             for prec in precisions:
                 for side in order:
                     for _attempt in range(a.retries + 1):
                         n += 1
                         quiet()
-                        name = f"{stamp}-{n:03d}-{config}-{prec}-{side}"
-                        if not record(pretrain_run(trees[side], side, config, prec, name, a)):
+                        if not record(run(side, prec, f"{stamp}-{n:03d}-{label}-{prec}-{side}")):
                             break
+
+    for config in configs:
+        interleaved(rounds[config], config,
+                    lambda side, prec, name, config=config: pretrain_run(trees[side], side, config, prec, name, a))
 
     if a.sft:
         ckpt = a.sft_checkpoint
@@ -446,16 +452,8 @@ def main() -> None:
         if not ckpt:
             raise SystemExit("--sft needs --sft-checkpoint or a successful 'before' pretrain run")
         result["sft_checkpoint"] = str(Path(ckpt).resolve())
-        for rnd in range(a.sft_rounds):
-            order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
-            for prec in precisions:
-                for side in order:
-                    for _attempt in range(a.retries + 1):
-                        n += 1
-                        quiet()
-                        name = f"{stamp}-{n:03d}-sft-{prec}-{side}"
-                        if not record(sft_run(trees[side], side, prec, name, result["sft_checkpoint"], a)):
-                            break
+        interleaved(a.sft_rounds, "sft",
+                    lambda side, prec, name: sft_run(trees[side], side, prec, name, result["sft_checkpoint"], a))
 
     result["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     save()

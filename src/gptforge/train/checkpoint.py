@@ -152,10 +152,17 @@ def verify_checkpoint(directory: str | Path) -> dict:
             raise GptforgeError(f"{p}: {size} bytes, expected {info['bytes']}; {hint}")
         if sha256_file(p) != info["sha256"]:
             raise GptforgeError(f"{p}: SHA-256 does not match {FILES_MANIFEST}; {hint}")
+    return read_trainer_state(d)
+
+
+def read_trainer_state(directory: str | Path) -> dict:
+    """``state.json`` of a checkpoint (already verified by :func:`verify_checkpoint`)."""
+    path = Path(directory) / STATE
     try:
-        return json.loads((d / STATE).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise GptforgeError(f"{d / STATE}: unreadable ({e}); {hint}") from None
+        raise GptforgeError(f"{path}: unreadable ({e}); the checkpoint is partial or corrupted: delete it, or "
+                            "resume with --checkpoint.fallback=true") from None
 
 
 def find_resume_checkpoint(ckpt_root: str | Path, fallback: bool = False, log=print) -> Path | None:
@@ -188,17 +195,18 @@ def load_optimizer_state(directory: str | Path, map_location="cpu") -> dict:
     return torch.load(Path(directory) / OPTIMIZER, map_location=map_location, weights_only=True)
 
 
-def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(directory: str | Path, tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's GPT weights; with ``tie_embeddings`` the head entry is restored from the token table."""
     from safetensors.torch import load_file
 
     from gptforge.checkpoint import WEIGHTS
 
-    return load_file(str(Path(directory) / WEIGHTS))
+    weights = load_file(str(Path(directory) / WEIGHTS))
+    if tie_embeddings:
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    return weights
 
 
 def load_gpt_weights(model, directory: str | Path) -> None:
     """Load a checkpoint's GPT weights into ``model`` (re-tying a tied head)."""
-    weights = load_weights(directory)
-    if model.config.tie_embeddings:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]
-    model.load_state_dict(weights)
+    model.load_state_dict(load_weights(directory, model.config.tie_embeddings))

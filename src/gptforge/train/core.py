@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from gptforge.checkpoint import load_model
 from gptforge.config import save_config
 from gptforge.errors import GptforgeError
 from gptforge.precision import PRECISIONS, Precision, resolve_precision
+from gptforge.tokenizer import load_tokenizer
 from gptforge.train import checkpoint as C
 from gptforge.train import distributed as D
 from gptforge.train.metrics import MetricsLog, plot_metrics
@@ -310,9 +312,6 @@ def load_base_model(checkpoint: str, tokenizer: str | None = None, dropout: floa
 
     ``tokenizer`` overrides (or supplies) the checkpoint's own; a model without either is an error.
     """
-    from gptforge.checkpoint import load_model
-    from gptforge.tokenizer import load_tokenizer
-
     model, tok, meta = load_model(checkpoint, device="cpu")
     if tokenizer:
         tok = load_tokenizer(tokenizer)
@@ -533,9 +532,9 @@ def restore_rng(rt: Runtime, trainer_state: dict) -> None:
 
 def restore_checkpoint(directory: Path, rt: Runtime, *, load_weights: Callable[[Path], None],
                        load_optimizer: Callable[[dict], None], scaler=None) -> dict:
-    """Resume from ``directory``: verify it, load weights, optimizer and scaler state and this rank's RNG state;
-    returns the trainer state (step, the stage's position, keeper, ...)."""
-    trainer_state = C.verify_checkpoint(directory)
+    """Resume from ``directory`` (from :func:`start_checkpointing`, which verified it): load weights, optimizer
+    and scaler state and this rank's RNG state; returns the trainer state (step, the stage's position, keeper)."""
+    trainer_state = C.read_trainer_state(directory)
     load_weights(directory)
     opt_state = C.load_optimizer_state(directory, map_location=rt.device)
     load_optimizer(opt_state["optimizer"])

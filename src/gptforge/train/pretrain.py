@@ -227,10 +227,8 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
                 return C.load_gpt_weights(bare, directory)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            weights = C.load_weights(directory)
-            if bare.config.tie_embeddings:
-                weights["lm_head.weight"] = weights["transformer.wte.weight"]
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(model, C.load_weights(directory, bare.config.tie_embeddings),
+                                 options=StateDictOptions(full_state_dict=True))
 
         trainer_state = restore_checkpoint(resume_dir, rt, load_weights=load_weights, scaler=scaler,
                                            load_optimizer=lambda s: D.load_optimizer(model, optimizer, s, strategy))
@@ -302,7 +300,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
                                grad_clip=cfg.train.grad_clip, params=params)
         state["nonfinite_steps"] += stats.nonfinite
         state["skipped_steps"] += stats.skipped
-        state["scaler_skips"] += stats.skipped and scaler is not None
+        state["scaler_skips"] += int(stats.skipped and scaler is not None)
         state["loss"] = stats.loss
         dt = time.perf_counter() - t0
         state["step"] = step + 1

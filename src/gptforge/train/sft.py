@@ -410,7 +410,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not progress,
                dynamic_ncols=True)
-    t0, interrupted, last_saved = time.time(), False, None
+    t0, interrupted = time.time(), False
     batches, batches_epoch = None, None
     while state["step"] < total_steps and state["epoch"] < tc.epochs and not state["stopped_early"]:
         if batches_epoch != state["epoch"]:
@@ -440,13 +440,9 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         if val_set and ((tc.eval_every and step % tc.eval_every == 0) or (not tc.eval_every and end_of_epoch)
                         or last):
             state["stopped_early"] = evaluate_and_keep(step, epoch)
-            last_saved = step
         elif (config.checkpoint.interval and step % config.checkpoint.interval == 0) or last or stop_now:
             save(step)
-            last_saved = step
-        if stop_now:
-            if last_saved != step:
-                save(step)
+        if stop_now:  # this step was checkpointed just above
             interrupted = True
             log(f"\nstopped by {stop.name} after step {step}; continue with --resume")
             break
