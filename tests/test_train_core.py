@@ -256,4 +256,4 @@ def test_resuming_a_finished_pretraining_run_does_nothing_and_says_so(shakespear
     lines = []
     again = run_pretrain(cfg, log=lines.append)
     assert again.steps == first.steps == 2 and math.isfinite(again.final_loss)
-    assert any("nothing to do" in line for line in lines)
+    assert any("already finished (step 2 of 2)" in line for line in lines)

@@ -3,11 +3,16 @@
 A model directory holds ``model.safetensors``, ``model_config.json`` and ``tokenizer/``. Training checkpoints
 (``train/checkpoint.py``) add optimizer and trainer state beside them. :func:`load_model` accepts a step
 directory, a run directory (its latest checkpoint), a ``ckpt`` directory, or a Hugging Face GPT-2 directory.
+
+Every read goes through the checks here: :func:`verify_files` (sizes and SHA-256 from ``files.json`` where a
+training run wrote one; ``GPTFORGE_VERIFY_HASHES=0`` checks sizes only, for huge files), :func:`read_safetensors`
+and :func:`read_model_config`, each turning a damaged or malformed file into one error naming it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +24,9 @@ from gptforge.tokenizer import Tokenizer, load_tokenizer
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
+FILES_MANIFEST = "files.json"
+DAMAGED = ("the checkpoint is damaged (a partial copy? a disk error?): copy it again from its source, or use "
+           "another checkpoint of the run")
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -77,7 +85,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _follow_pointer(pointer: Path) -> Path:
-    target = pointer.read_text(encoding="utf-8").strip()
+    target = pointer.read_text(encoding="utf-8", errors="replace").strip()
     resolved = (pointer.parent / target).resolve()
     if not (resolved / WEIGHTS).is_file():
         raise GptforgeError(f"{pointer} points to {target}, which holds no {WEIGHTS} (deleted or partial?)")
@@ -88,19 +96,76 @@ def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / MODEL_CONFIG).is_file()
 
 
-def read_model_config(directory: str | Path) -> dict:
-    path = Path(directory) / MODEL_CONFIG
+def verify_files(directory: str | Path, hint: str = DAMAGED, hashes: bool | None = None) -> None:
+    """Check every file listed in ``directory/files.json`` (presence, size, and SHA-256 unless ``hashes`` is
+    false; default: ``GPTFORGE_VERIFY_HASHES`` unset or not ``0``). A directory without the manifest passes."""
+    from gptforge.io import sha256_file
+
+    d = Path(directory)
+    manifest_path = d / FILES_MANIFEST
+    if not manifest_path.is_file():
+        return
+    if hashes is None:
+        hashes = os.environ.get("GPTFORGE_VERIFY_HASHES", "1") != "0"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GptforgeError(f"{manifest_path}: not valid JSON ({e}); {hint}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()):
+        raise GptforgeError(f"{manifest_path}: expected {{\"files\": {{NAME: {{\"bytes\": N, \"sha256\": HEX}}}}}}; "
+                            f"{hint}")
+    for rel, info in files.items():
+        p = d / rel
+        if not p.is_file():
+            raise GptforgeError(f"{d}: file {rel} is missing; {hint}")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise GptforgeError(f"{p}: {size} bytes, expected {info['bytes']}; {hint}")
+        if hashes and sha256_file(p) != info["sha256"]:
+            raise GptforgeError(f"{p}: SHA-256 does not match {FILES_MANIFEST}; {hint}")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated, empty or foreign file is one error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise GptforgeError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptforgeError(f"{path} is not a readable safetensors file ({' '.join(str(e).split())}): the file is "
+                            "truncated or damaged; copy it again from its source") from None
+
+
+def read_model_config(directory: str | Path, name: str = MODEL_CONFIG) -> dict:
+    """``model_config.json`` (or the classifier's config): a mapping whose ``model`` key is a mapping."""
+    path = Path(directory) / name
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GptforgeError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise GptforgeError(f"{path}: expected an object with a \"model\" section (n_layer, n_head, ...); the file is "
+                            "damaged or not a gptforge model config")
+    return meta
+
+
+def model_config(meta: dict, directory: str | Path, name: str = MODEL_CONFIG) -> GPTConfig:
+    """The :class:`GPTConfig` in a model config, every key type-checked (errors name the file and key)."""
+    from gptforge.config import from_dict
+
+    return from_dict(GPTConfig, meta["model"], where=f"{Path(directory) / name}: model")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                ) -> tuple[GPT, Tokenizer | None, dict]:
     """Load ``(model, tokenizer, metadata)`` from any checkpoint form (see :func:`resolve_checkpoint`)."""
-    from safetensors.torch import load_file
-
     directory = resolve_checkpoint(path)
     if is_hf_directory(directory):
         from gptforge.hf import import_hf
@@ -108,19 +173,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model, tokenizer = import_hf(directory)
         meta = {"model": model.config.to_dict(), "source": str(directory)}
     else:
-        if (directory / "files.json").is_file():  # written by training: check sizes and hashes before use
-            from gptforge.train.checkpoint import verify_checkpoint
-
-            verify_checkpoint(directory)
+        verify_files(directory)  # training wrote files.json: sizes and hashes before use
         meta = read_model_config(directory)
-        model = GPT(GPTConfig(**meta["model"]))
-        state = load_file(str(directory / WEIGHTS))
+        model = GPT(model_config(meta, directory))
+        state = read_safetensors(directory / WEIGHTS)
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise GptforgeError(f"{directory / WEIGHTS} does not match its {MODEL_CONFIG}: {e}") from None
+            raise GptforgeError(f"{directory / WEIGHTS} does not match its {MODEL_CONFIG}: "
+                                f"{' '.join(str(e).split())[:300]}") from None
         tok_dir = directory / TOKENIZER_DIR
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
     meta["path"] = str(directory)

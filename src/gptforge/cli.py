@@ -25,8 +25,15 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with gptforge's error format: one ``gptforge: error:`` line (naming the command), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"gptforge: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gptforge", description="Train, fine-tune, evaluate, serve and publish GPT-2-class models.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -46,7 +53,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except GptforgeError as e:  # raised by an argument type
+        return _error(str(e))
     if args.command is None:
         parser.print_help()
         return 0
@@ -56,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GptforgeError as e:
-        print(f"gptforge: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except OSError as e:  # the environment, not a bug: a full disk, a permission, a path that is a file
+        return _error(str(e))
     except KeyboardInterrupt:
         print("gptforge: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> int:
+    """One line on stderr (a multi-line message is folded) and exit status 2."""
+    print("gptforge: error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

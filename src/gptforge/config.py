@@ -26,6 +26,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise GptforgeError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise GptforgeError(f"{path} is not a text (UTF-8) file: byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start}; a config is a YAML text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -54,13 +57,20 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 1
         else:
             key, raw = body, "true"
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        set_dotted(out, key.replace("-", "_"), value)
+        set_dotted(out, key.replace("-", "_"), parse_scalar(raw))
         i += 1
     return out
+
+
+def parse_scalar(raw: str) -> Any:
+    """A command-line value as a YAML scalar (``3`` → 3, ``true`` → True, ``[1, 2]`` → a list); text that is not
+    valid YAML, or uses a tag (``!foo``), stays the plain string and meets the key's type check."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,6 +10,7 @@ leave the batch (the cache is compacted), so the rest decode faster. Sampling fo
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import random
 import threading
@@ -47,13 +48,16 @@ class SamplingParams:
         """Raise :class:`GptforgeError` for values no sampler accepts."""
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer ≥ 1"),
-            (self.temperature >= 0, "temperature must be ≥ 0 (0 = greedy)"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be ≥ 0 (0 = greedy)"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer ≥ 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be > 0 (1 = off)"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             "seed must be an integer in [0, 2^63)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,7 +15,7 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.io import read_json
 from gptforge.model import GPT, GPTConfig
-from gptforge.tokenizer import EOT, PAD, BPETokenizer, Tokenizer, TiktokenTokenizer, bytes_to_unicode
+from gptforge.tokenizer import EOT, PAD, BPETokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
 # Hugging Face GPT-2 uses Conv1D (weight stored as in×out); these need a transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -187,21 +187,25 @@ def config_from_hf(hf_cfg: dict, where: str) -> GPTConfig:
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from gptforge.checkpoint import read_safetensors
 
     st = directory / "model.safetensors"
     if st.is_file():
-        return load_file(str(st))
+        return read_safetensors(st)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(directory / f)))
+            state.update(read_safetensors(directory / f))
         return state
     binf = directory / "pytorch_model.bin"
     if binf.is_file():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or foreign files
+            raise GptforgeError(f"cannot read {binf}: {type(e).__name__}: {' '.join(str(e).split())[:200]}; the "
+                                "file is damaged or holds more than tensors (only weights are loaded)") from None
     raise GptforgeError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 

@@ -43,18 +43,23 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, fsync: boo
     return atomic_write_text(path, text, fsync=fsync)
 
 
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """The parsed content of a JSON file; a missing, unreadable or invalid file is a GptforgeError."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; a missing, unreadable or binary file is a GptforgeError naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
         raise GptforgeError(f"{what} not found: {path}; check the path") from None
     except UnicodeDecodeError as e:
         raise GptforgeError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                             "fix or regenerate it") from None
     except OSError as e:
         raise GptforgeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The parsed content of a JSON file; a missing, unreadable or invalid file is a GptforgeError."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -102,3 +107,19 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def output_directory(path: str | Path, flag: str = "--out", overwrite: bool = False) -> Path:
+    """A directory a command may write into: new or empty, or (with ``--overwrite``) anything but a file.
+
+    An existing file, or a directory that already holds files, is refused with a one-line error, so a command
+    never replaces what a user keeps there without being asked.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GptforgeError(f"{flag} {path} is an existing file, not a directory: pass a new directory name")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise GptforgeError(f"{flag} {path} is not empty: pass a new or empty directory, or --overwrite to replace "
+                            "the files this command writes there")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -108,11 +108,17 @@ def render_model_card(facts: dict, repo_id: str | None = None, license: str = LI
 
 
 def export_with_card(checkpoint: str | Path, out_dir: str | Path, repo_id: str | None = None,
-                     license: str = LICENSE_DEFAULT, datasets: list[str] | None = None) -> Path:
-    """Export to a HF folder and write ``README.md`` (the model card) into it."""
+                     license: str = LICENSE_DEFAULT, datasets: list[str] | None = None,
+                     overwrite: bool = False) -> Path:
+    """Export to a HF folder and write ``README.md`` (the model card) into it.
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (a user's own README.md is never replaced unasked).
+    """
     from gptforge.checkpoint import load_model, resolve_checkpoint
     from gptforge.hf import export_model
+    from gptforge.io import output_directory
 
+    output_directory(out_dir, "--out", overwrite)
     directory = resolve_checkpoint(checkpoint)
     model, tokenizer, _ = load_model(directory)
     card = render_model_card(collect_run_facts(directory), repo_id, license, datasets)

@@ -119,10 +119,20 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits a sampler can always draw from: NaN → -inf, +inf → the largest float, and a row with nothing
+    finite left (a diverged model) becomes uniform. Finite logits pass through unchanged (and uncopied)."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return torch.where(dead, torch.zeros_like(logits), logits)
+
+
 def process_logits(logits: torch.Tensor, s: RowSettings, seen: torch.Tensor | None = None,
                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """The processed scores (float32) the next token is drawn from; greedy rows skip the warpers' effect."""
-    logits = logits.float()
+    logits = finite_logits(logits.float())
     if s.any_repetition and seen is not None:
         logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     if s.any_presence_frequency and counts is not None:

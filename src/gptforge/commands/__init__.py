@@ -33,3 +33,46 @@ def parse_fractions(text: str, flag: str, example: str) -> list[float]:
     except ValueError:
         raise GptforgeError(f"{flag} expects three comma-separated fractions like {example}, "
                             f"got {text!r}") from None
+
+
+# ---- argument types: a bad value is an argparse error (one ``gptforge: error:`` line), never a traceback ----
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, low_open: bool = False):
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bound = f"> {low}" if low_open else f">= {low}"
+            allowed = f"a finite number {bound}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = _int_at_least(1)  # counts, sizes, lengths
+nonneg_int = _int_at_least(0)  # offsets, "0 = off" knobs
+seed_int = _int_at_least(0, 2**63 - 1)  # what torch.manual_seed and every generator accept
+port_number = _int_at_least(0, 65535)
+positive_float = _float_in(0.0, low_open=True)  # rates, timeouts, sizes in MB
+nonneg_float = _float_in(0.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, positive_float, positive_int
 
 EXAMPLE = ("gptforge classify --checkpoint runs/base --data $GPTFORGE_DATA_DIR/classify/SMSSpamCollection "
            "--name spam --balance --trainable last_blocks --epochs 5\n"
@@ -22,15 +22,15 @@ def register(sub) -> None:
     p.add_argument("--balance", action="store_true", default=None, help="downsample classes to the smallest")
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip malformed rows (counted)")
     p.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
-    p.add_argument("--limit", type=int, default=None, help="use only N examples (seeded sample)")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per text; longer texts are truncated")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N examples (seeded sample)")
+    p.add_argument("--max-len", type=positive_int, default=None, help="tokens per text; longer texts are truncated")
     p.add_argument("--trainable", default=None, choices=["all", "last_blocks", "head"],
                    help="what trains: everything, the last k blocks + final LayerNorm + head, or the head only")
-    p.add_argument("--last-k", type=int, default=None, help="blocks that train with --trainable last_blocks")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--last-k", type=positive_int, default=None, help="blocks that train with --trainable last_blocks")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run <out-dir>/<name> from its newest valid checkpoint")

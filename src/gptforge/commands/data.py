@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, nonneg_int, positive_float
 from gptforge.commands.tokenizer import _add_source_options
 
 
 def _count(text: str) -> int:
-    """Integers with suffixes: 1e9, 10B, 500M, 20k."""
-    from gptforge.errors import GptforgeError
+    """Positive integers with suffixes: 1e9, 10B, 500M, 20k."""
+    import argparse
+    import math
 
     t = text.strip().lower().replace("_", "").replace(",", "")
     scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if scale > 1 else t) * scale)
+        value = float(t[:-1] if scale > 1 else t) * scale
     except ValueError:
-        raise GptforgeError(f"not a count: {text!r} (examples: 1000000, 1e6, 500M, 10B)") from None
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive count: {text!r} (examples: 1000000, 1e6, 500M, 10B)")
+    return int(value)
 
 
 def register(sub) -> None:
@@ -41,13 +45,13 @@ def register(sub) -> None:
     prep.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)"
     )
-    prep.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--workers", type=nonneg_int, default=0, help="tokenizer processes (default: all cores)")
     prep.add_argument(
         "--shard-tokens", type=_count, default=100_000_000, help="tokens per shard (default 100M)"
     )
     prep.add_argument("--max-tokens", type=_count, default=None, help="token budget, e.g. 2.5B (train + val)")
     prep.add_argument(
-        "--buffer-mb", type=float, default=256.0, help="text in flight, bounds memory (default 256)"
+        "--buffer-mb", type=positive_float, default=256.0, help="text in flight, bounds memory (default 256)"
     )
     prep.add_argument("--split-salt", default="gptforge", help="changes which documents go to val")
     prep.add_argument("--overwrite", action="store_true", help="replace what --out holds")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
 
 
 def register(sub) -> None:
@@ -28,10 +28,10 @@ def _register_loss(esub) -> None:
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="a prepared dataset directory (uses its --split shards) or raw .txt/.jsonl files")
     p.add_argument("--split", default="val", help="shard split to evaluate (default: val)")
-    p.add_argument("--start", type=int, default=0, help="first token of the evaluated range (default: 0)")
-    p.add_argument("--tokens", type=int, default=None, help="number of tokens in the range (default: all)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--start", type=nonneg_int, default=0, help="first token of the evaluated range (default: 0)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="number of tokens in the range (default: all)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--tokenizer", default=None, help="tokenizer for raw text when the checkpoint has none")
     p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--separator", default=None,
@@ -100,15 +100,15 @@ def _register_choice(esub) -> None:
                    help="local file (hellaswag: rowanz jsonl; mmlu: mmlu_test.jsonl or a folder of "
                         "mmlu_<split>.jsonl; jsonl: your file) or a hub name (Rowan/hellaswag, cais/mmlu); "
                         "default: $GPTFORGE_DATA_DIR/eval/… when present, else the hub")
-    p.add_argument("--limit", type=int, default=None, help="first N items (MMLU: N per subject)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="MMLU: examples from the dev split (0..5)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N items (MMLU: N per subject)")
+    p.add_argument("--num-fewshot", type=nonneg_int, default=0, help="MMLU: examples from the dev split (0..5)")
     p.add_argument("--subjects", nargs="*", default=None, help="MMLU: only these subjects")
     p.add_argument("--field", action="append", default=[], metavar="ROLE=NAME",
                    help="jsonl: map a role (context, choices, gold) to a record field, e.g. --field context=question")
     p.add_argument("--template", default=None,
                    help="jsonl: build the context from fields, e.g. 'Question: {question}\\nAnswer:'")
     p.add_argument("--delimiter", default=" ", help="jsonl: text between context and choice (default: space)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--tokenizer", default=None, help="tokenizer when the checkpoint has none")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps … (default: auto = CUDA, else MPS, else CPU)")
@@ -182,14 +182,14 @@ def _register_judge(esub) -> None:
                    help="batched: one query per item with all models' answers in shuffled order (consistent); "
                         "per-model: one query per answer")
     p.add_argument("--out", required=True, help="output directory (annotated JSON, summary, cache for resuming)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records of each file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the answer order in batched mode")
-    p.add_argument("--rpm", type=float, default=None, help="at most this many requests per minute")
-    p.add_argument("--concurrency", type=int, default=1, help="parallel requests (default: 1)")
-    p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (doubles each time)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--max-tokens", type=int, default=512, help="reply length limit")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N records of each file")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the answer order in batched mode")
+    p.add_argument("--rpm", type=positive_float, default=None, help="at most this many requests per minute")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="parallel requests (default: 1)")
+    p.add_argument("--max-retries", type=nonneg_int, default=5)
+    p.add_argument("--backoff", type=nonneg_float, default=2.0, help="seconds before the first retry (doubles each time)")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="reply length limit")
     p.add_argument("--retry-unparsed", action="store_true", help="ask again for items whose reply had no score")
     p.add_argument("--chart", action="store_true", help="also write a bar chart scores.png")
     p.set_defaults(func=run_judge_cmd)

@@ -7,7 +7,8 @@ def register(sub) -> None:
     p = add_parser(sub, "export", "export a checkpoint as a Hugging Face GPT2LMHeadModel directory with a model card",
                    "gptforge export --checkpoint runs/quickstart/sft --out hf/my-model --push-to-hub me/my-model")
     p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir or HF directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing same-named files")
     p.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
                    help="upload the exported folder to this Hub model repo (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -20,7 +21,7 @@ def run(args) -> int:
     from gptforge.publish import export_with_card, push_to_hub
 
     out = export_with_card(args.checkpoint, args.out, repo_id=args.push_to_hub, license=args.license,
-                           datasets=args.dataset)
+                           datasets=args.dataset, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} → {out} (weights, config, tokenizer, generation config, README.md model card)")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
 
 # Seeds 000-002 sample with top-p 0.95 and a repetition penalty of 1.1: greedy decoding of a small base
 # model loops, so the command line samples by default (--greedy switches it off).
@@ -24,18 +24,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    g.add_argument("--temperature", type=nonneg_float, default=DEFAULTS["temperature"], help="0 = greedy")
     g.add_argument("--greedy", action="store_true", help="same as --temperature 0 (deterministic; small models loop)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+    g.add_argument("--repetition-penalty", type=positive_float, default=DEFAULTS["repetition_penalty"],
                    help="HF semantics; 1 = off")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--seed", type=seed_int, default=None, help="makes sampling reproducible")
 
 
 def unescape(text: str) -> str:
@@ -76,8 +76,8 @@ def register(sub) -> None:
     src.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     src.add_argument("--prompts-file", default=None, metavar="FILE",
                      help="one prompt per line (.txt), or JSON lines with a 'prompt' field (.jsonl); '-' = stdin")
-    src.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
-    src.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    src.add_argument("--num-samples", type=positive_int, default=1, help="completions per prompt")
+    src.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")
     add_sampling_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON object per completion (JSON lines)")
@@ -91,7 +91,7 @@ def read_prompts(path: str) -> list[str]:
     from pathlib import Path
 
     from gptforge.errors import GptforgeError
-    from gptforge.io import iter_jsonl
+    from gptforge.io import iter_jsonl, read_text
 
     file = None if path == "-" else Path(path)
     if file is not None and not file.is_file():
@@ -103,7 +103,7 @@ def read_prompts(path: str) -> list[str]:
                 raise GptforgeError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
             prompts.append(record["prompt"])
     else:
-        text = sys.stdin.read() if file is None else file.read_text(encoding="utf-8")
+        text = sys.stdin.read() if file is None else read_text(file, "prompts file")
         prompts = [unescape(line) for line in text.splitlines() if line.strip()]
     name = "<stdin>" if file is None else path
     if not prompts:

@@ -7,7 +7,8 @@ def register(sub) -> None:
     p = add_parser(sub, "import", "import a Hugging Face GPT-2 directory as a gptforge checkpoint",
                    "gptforge import ~/models/gpt2 --out ckpt/gpt2")
     p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--out", required=True, help="output checkpoint directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing same-named files")
     p.set_defaults(func=run)
 
 
@@ -16,7 +17,9 @@ def run(args) -> int:
 
     from gptforge.checkpoint import save_model
     from gptforge.hf import import_hf
+    from gptforge.io import output_directory
 
+    output_directory(args.out, "--out", args.overwrite)
     model, tokenizer = import_hf(Path(args.hf_dir))
     out = save_model(args.out, model, tokenizer, extra={"source": str(args.hf_dir)})
     print(f"imported {args.hf_dir} ({model.num_params():,} parameters) → {out}")

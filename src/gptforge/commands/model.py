@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, positive_int
 
 
 def register(sub) -> None:
@@ -15,8 +15,8 @@ def register(sub) -> None:
     src = info.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="named preset (gpt2, gpt2-medium, ..., tiny, mini)")
     src.add_argument("--checkpoint", default=None, help="checkpoint, run directory or HF GPT-2 directory")
-    info.add_argument("--micro-batch", type=int, default=8)
-    info.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
+    info.add_argument("--micro-batch", type=positive_int, default=8)
+    info.add_argument("--seq-len", type=positive_int, default=None, help="default: the model's context length")
     info.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     info.add_argument("--no-flash", action="store_true", help="attention without fused kernels (stores scores)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -25,8 +25,7 @@ def register(sub) -> None:
 
 
 def _config_from_args(args):
-    import yaml
-
+    from gptforge.config import from_dict, parse_scalar
     from gptforge.errors import GptforgeError
     from gptforge.model import GPTConfig, preset
 
@@ -35,7 +34,7 @@ def _config_from_args(args):
         if "=" not in item:
             raise GptforgeError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+        overrides[k] = parse_scalar(v)
     if args.checkpoint:
         from gptforge.checkpoint import is_hf_directory, read_model_config, resolve_checkpoint
 
@@ -45,8 +44,7 @@ def _config_from_args(args):
             from gptforge.io import read_json
 
             return config_from_hf(read_json(d / "config.json", "Hugging Face config"), str(d))
-        return GPTConfig(**{**read_model_config(d)["model"], **overrides})
-    from gptforge.config import from_dict
+        return from_dict(GPTConfig, {**read_model_config(d)["model"], **overrides}, where="model")
     from gptforge.model import PRESETS
 
     name = args.preset or "gpt2"

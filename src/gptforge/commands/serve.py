@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, port_number, positive_float, positive_int
 from gptforge.commands.generate import add_model_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -15,14 +15,14 @@ def register(sub) -> None:
                    "gptforge serve --checkpoint runs/mini-sft --port 8000   # then open http://127.0.0.1:8000/")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--model-name", default=None, help="model id clients send (default: the run's name)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, else none)")
-    p.add_argument("--max-pending", type=int, default=64, help="requests queued or running before 429")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request, queueing included")
+    p.add_argument("--max-pending", type=positive_int, default=64, help="requests queued or running before 429")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together")
+    p.add_argument("--max-tokens-limit", type=positive_int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request, queueing included")
     p.set_defaults(func=run)
 
 

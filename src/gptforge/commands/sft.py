@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptforge.commands import add_parser
+from gptforge.commands import add_parser, nonneg_float, positive_float, positive_int
 
 EXAMPLE = ("gptforge sft --checkpoint runs/base --data $GPTFORGE_DATA_DIR/instruct/instruction-data.json "
            "--name sft-demo --epochs 2 --neftune-alpha 5 --patience 3")
@@ -25,22 +25,22 @@ def register(sub) -> None:
     p.add_argument("--style", default=None, choices=["chat", "alpaca"],
                    help="chat = ChatML with new special tokens (default); alpaca = text template, no new tokens")
     p.add_argument("--train-on", default=None, choices=["all", "last"], help="supervise all assistant turns or the last")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per example (default: model context)")
+    p.add_argument("--max-len", type=positive_int, default=None, help="tokens per example (default: model context)")
     p.add_argument("--overlength", default=None, choices=["drop", "truncate"], help="what to do with longer examples")
     p.add_argument("--batching", default=None, choices=["pad", "group", "pack"],
                    help="pad to longest in batch, length-grouped batches, or packed windows")
     p.add_argument("--split", default=None, help="train,val,test fractions (default 0.85,0.05,0.10)")
-    p.add_argument("--limit", type=int, default=None, help="use only N conversations (seeded sample)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--neftune-alpha", type=float, default=None, help="NEFTune noise (e.g. 5); 0 = off")
-    p.add_argument("--patience", type=int, default=None, help="early stopping after N evaluations without improvement")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: each epoch)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N conversations (seeded sample)")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--grad-accum", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--neftune-alpha", type=nonneg_float, default=None, help="NEFTune noise (e.g. 5); 0 = off")
+    p.add_argument("--patience", type=positive_int, default=None, help="early stopping after N evaluations without improvement")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between evaluations (default: each epoch)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, mps")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="length cap of the test-split responses")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="length cap of the test-split responses")
     p.add_argument("--no-test-responses", action="store_true", help="skip generating responses for the test split")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run <out-dir>/<name> from its newest valid checkpoint")

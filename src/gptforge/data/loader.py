@@ -9,6 +9,12 @@ integers, which makes resuming exact.
 - ``random``: window starts drawn uniformly from every shard, from a generator seeded by ``(seed, step)``.
 - ``sequential``: non-overlapping windows in order (shuffled per epoch when ``shuffle``), wrapping into the
   next epoch; ``epoch`` and ``windows_per_epoch`` tell where it is.
+
+Integrity: every shard is checked (header and size, the manifest's sha256 when the manifest lists shards, and
+with ``vocab_size`` its largest token id) by :func:`gptforge.data.shards.verify_shard` just before the first
+read of it, so only shards a process actually uses are read in full, once per process. Headers are checked
+when the loader is built. In ``random`` mode the first batch draws from nearly every shard, so a run fails at
+its first step; in ``sequential`` mode a shard is checked when the order first reaches it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptforge.data.shards import list_shards, read_shard
+from gptforge.data.shards import list_shards, read_shard, shard_checksums, verify_shard
 from gptforge.errors import GptforgeError
 
 __all__ = ["TokenLoader", "validation_windows"]
@@ -29,13 +35,16 @@ class TokenLoader:
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, grad_accum: int = 1,
                  rank: int = 0, world_size: int = 1, seed: int = 0, mode: str = "random", shuffle: bool = True,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", vocab_size: int | None = None):
         if mode not in ("random", "sequential"):
             raise GptforgeError(f"data.sampling must be 'random' or 'sequential', got {mode!r}")
         if not 0 <= rank < world_size:
             raise GptforgeError(f"rank {rank} outside world size {world_size}")
         self.paths = list_shards(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
+        self.vocab_size = vocab_size  # token ids must be < vocab_size (None: not checked)
+        self._checksums = shard_checksums(data_dir, split, self.paths)
+        self._verified = [False] * len(self.paths)
         self.seq_len, self.micro_batch, self.grad_accum = seq_len, micro_batch, grad_accum
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
         self.device = torch.device(device)
@@ -97,7 +106,12 @@ class TokenLoader:
         starts = self._global_starts(self.step)
         per_rank = self.micro_batch * self.grad_accum
         lo = self.rank * per_rank + self.micro * self.micro_batch
-        chunk = np.stack([self.shards[s][o:o + self.seq_len + 1] for s, o in starts[lo:lo + self.micro_batch]])
+        mine = starts[lo:lo + self.micro_batch]
+        for s, _ in mine:
+            if not self._verified[s]:
+                verify_shard(self.paths[s], self._checksums.get(self.paths[s].name), self.vocab_size)
+                self._verified[s] = True
+        chunk = np.stack([self.shards[s][o:o + self.seq_len + 1] for s, o in mine])
         self.micro += 1
         if self.micro == self.grad_accum:
             self.micro, self.step = 0, self.step + 1
@@ -130,18 +144,22 @@ class TokenLoader:
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
 
-def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int, split: str = "val") -> np.ndarray:
+def validation_windows(data_dir: str | Path, seq_len: int, max_tokens: int, split: str = "val",
+                       vocab_size: int | None = None) -> np.ndarray:
     """A fixed held-out slice: the first ``max_tokens`` tokens of ``split`` cut into ``(N, T + 1)`` windows.
 
     The same tokens every time (seed 004's test-loss method), so losses are comparable across steps and runs.
-    Returns an empty array when the split does not exist.
+    Returns an empty array when the split does not exist. Each shard read is verified first, as in
+    :class:`TokenLoader` (``vocab_size``: ids must be below it).
     """
     try:
         paths = list_shards(data_dir, split)
     except GptforgeError:
         return np.zeros((0, seq_len + 1), dtype=np.int64)
+    checksums = shard_checksums(data_dir, split, paths)
     pieces, have = [], 0
     for p in paths:
+        verify_shard(p, checksums.get(p.name), vocab_size)
         shard = read_shard(p)
         take = min(len(shard), max_tokens - have)
         pieces.append(np.asarray(shard[:take], dtype=np.int64))

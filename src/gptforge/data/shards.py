@@ -2,11 +2,14 @@
 
 Header layout (little-endian): magic ``b"GPTFSHRD"`` (8 bytes), format version (uint32), bytes per token
 (uint32: 2 for uint16, 4 for uint32), token count (uint64), zero padding to 256 bytes. Shards are named
-``{split}_{index:05d}.bin`` and read with ``numpy.memmap``; ``manifest.json`` beside them describes the corpus.
+``{split}_{index:05d}.bin`` and read with ``numpy.memmap``; ``manifest.json`` beside them describes the corpus
+and records each shard's sha256, which readers check once per process before they use a shard
+(:func:`verify_shard`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -84,6 +87,83 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise GptforgeError(f"{path} not found: {directory} is not a prepared dataset")
     return read_json(path, "dataset manifest")
+
+
+# ---- integrity ----------------------------------------------------------------------------------------------
+
+# (resolved path, size, mtime_ns) -> (sha256 of the whole file, largest token id): each shard is read once per
+# process however many loaders, validation slices and eval streams open it; a rewritten file gets a new key.
+_VERIFIED: dict[tuple[str, int, int], tuple[str, int]] = {}
+_SCAN_BLOCK = 16 << 20
+
+
+def _scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(sha256 of the file, largest token id) in one sequential read."""
+    h = hashlib.sha256()
+    top = -1
+    with open(path, "rb") as f:
+        h.update(f.read(HEADER_BYTES))
+        # a multiple of both token widths, no larger than the shard (zeroing a big buffer costs time too)
+        buf = bytearray(min(_SCAN_BLOCK, max(4, (path.stat().st_size - HEADER_BYTES + 3) // 4 * 4)))
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if n >= dtype.itemsize:
+                top = max(top, int(np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize).max()))
+    return h.hexdigest(), top
+
+
+def verify_shard(path: str | Path, expected_sha256: str | None, vocab_size: int | None = None) -> int:
+    """Check a shard before it is used; returns its largest token id (-1 when empty).
+
+    Checks the header and file size (:func:`read_header`), the sha256 when ``expected_sha256`` is given (from
+    the manifest) and, with ``vocab_size``, that every id fits the model's vocabulary. The file is read once
+    per process: results are cached by (resolved path, size, mtime_ns).
+    """
+    path = Path(path)
+    dtype, _ = read_header(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        try:
+            _VERIFIED[key] = _scan_shard(path, dtype)
+        except OSError as e:
+            raise GptforgeError(f"cannot read shard {path}: {e.strerror or e}") from None
+    actual, top = _VERIFIED[key]
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise GptforgeError(
+            f"shard {path} is corrupted: sha256 {actual}, the manifest records {expected_sha256}; "
+            f"re-run `gptforge data prepare ... --out {path.parent} --overwrite` (same inputs and options) "
+            "or copy the directory again")
+    if vocab_size is not None and top >= vocab_size:
+        raise GptforgeError(
+            f"shard {path} holds token id {top} but the model's vocabulary has only {vocab_size:,} tokens "
+            "(tokenizer mismatch): prepare the data with the model's tokenizer "
+            "(`gptforge data prepare ... --tokenizer <the model's tokenizer>`) "
+            "or train with a matching vocab_size")
+    return top
+
+
+def shard_checksums(directory: str | Path, split: str, paths: list[Path]) -> dict[str, str]:
+    """``{shard name: sha256}`` of ``split`` from ``manifest.json``; ``{}`` without a manifest or shard list.
+
+    A shard the manifest lists but ``paths`` lacks (an incomplete copy) is an error.
+    """
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        return {}
+    listed = read_manifest(directory).get("shards")
+    if not isinstance(listed, list):
+        return {}
+    sums = {s["name"]: s.get("sha256") for s in listed if isinstance(s, dict) and s.get("split") == split
+            and "name" in s}
+    missing = sorted(set(sums) - {p.name for p in paths})
+    if missing:
+        raise GptforgeError(
+            f"{directory / MANIFEST} lists {len(sums)} {split} shards but {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} is missing from {directory}: "
+            "copy the directory again or re-run `gptforge data prepare ... --overwrite`")
+    return {name: sha for name, sha in sums.items() if isinstance(sha, str)}
 
 
 class ShardWriter:

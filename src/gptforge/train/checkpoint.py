@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from gptforge.checkpoint import save_model
+from gptforge.checkpoint import FILES_MANIFEST, read_safetensors, save_model, verify_files
 from gptforge.errors import GptforgeError
 from gptforge.io import atomic_write_text, fsync_dir, sha256_file
 
-FILES_MANIFEST = "files.json"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 STEP_PREFIX = "step_"
@@ -133,36 +132,26 @@ def verify_checkpoint(directory: str | Path) -> dict:
 
     Raises :class:`GptforgeError` naming the first problem and how to recover.
     """
-    d = Path(directory)
     hint = ("the checkpoint is partial or corrupted (killed while copying? disk full?); resume with "
             "--checkpoint.fallback=true to use the previous good checkpoint, or delete this directory")
-    manifest_path = d / FILES_MANIFEST
-    if not manifest_path.is_file():
-        raise GptforgeError(f"{d}: no {FILES_MANIFEST}; {hint}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GptforgeError(f"{manifest_path}: invalid JSON ({e}); {hint}") from None
-    for rel, info in manifest["files"].items():
-        p = d / rel
-        if not p.is_file():
-            raise GptforgeError(f"{d}: file {rel} is missing; {hint}")
-        size = p.stat().st_size
-        if size != info["bytes"]:
-            raise GptforgeError(f"{p}: {size} bytes, expected {info['bytes']}; {hint}")
-        if sha256_file(p) != info["sha256"]:
-            raise GptforgeError(f"{p}: SHA-256 does not match {FILES_MANIFEST}; {hint}")
-    return read_trainer_state(d)
+    if not (Path(directory) / FILES_MANIFEST).is_file():
+        raise GptforgeError(f"{directory}: no {FILES_MANIFEST}; {hint}")
+    verify_files(directory, hint, hashes=True)
+    return read_trainer_state(directory)
 
 
 def read_trainer_state(directory: str | Path) -> dict:
     """``state.json`` of a checkpoint (already verified by :func:`verify_checkpoint`)."""
     path = Path(directory) / STATE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise GptforgeError(f"{path}: unreadable ({e}); the checkpoint is partial or corrupted: delete it, or "
-                            "resume with --checkpoint.fallback=true") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        why = state if isinstance(state, Exception) else "expected an object with an integer step"
+        raise GptforgeError(f"{path}: unreadable ({why}); the checkpoint is partial or corrupted: delete it, or "
+                            "resume with --checkpoint.fallback=true")
+    return state
 
 
 def find_resume_checkpoint(ckpt_root: str | Path, fallback: bool = False, log=print) -> Path | None:
@@ -197,11 +186,9 @@ def load_optimizer_state(directory: str | Path, map_location="cpu") -> dict:
 
 def load_weights(directory: str | Path, tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint's GPT weights; with ``tie_embeddings`` the head entry is restored from the token table."""
-    from safetensors.torch import load_file
-
     from gptforge.checkpoint import WEIGHTS
 
-    weights = load_file(str(Path(directory) / WEIGHTS))
+    weights = read_safetensors(Path(directory) / WEIGHTS)
     if tie_embeddings:
         weights["lm_head.weight"] = weights["transformer.wte.weight"]
     return weights

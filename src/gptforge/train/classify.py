@@ -26,10 +26,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from gptforge.checkpoint import model_config, read_model_config, read_safetensors, verify_files
 from gptforge.data.batching import split_indices
 from gptforge.data.labelled import ClassifyDataConfig, balance_classes, class_order, read_labelled
 from gptforge.errors import GptforgeError
@@ -48,6 +49,7 @@ from gptforge.train.core import (
     TrainCommon,
     build_optimizer,
     finish_with_best,
+    finished_message,
     load_base_model,
     optimizer_step,
     require_at_least_one,
@@ -57,6 +59,7 @@ from gptforge.train.core import (
     start_checkpointing,
     teardown_runtime,
 )
+from gptforge.train.nonfinite import NonFiniteGuard
 from gptforge.train.sft import migrate_base_key
 
 __all__ = [
@@ -250,7 +253,7 @@ def classifier_writer(model: Classifier, tokenizer, info: dict):
 
 
 def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(directory) / WEIGHTS))
+    return read_safetensors(Path(directory) / WEIGHTS)
 
 
 def resolve_classifier(path: str | Path) -> Path:
@@ -273,11 +276,13 @@ def resolve_classifier(path: str | Path) -> Path:
 def load_classifier(path: str | Path, device="cpu") -> tuple[Classifier, object, dict]:
     """``(classifier, tokenizer, info)`` where ``info`` holds ``labels`` and ``max_len``."""
     directory = resolve_classifier(path)
-    if (directory / C.FILES_MANIFEST).is_file():
-        C.verify_checkpoint(directory)
-    meta = read_json(directory / META, "classifier config")
-    info = meta["classifier"]
-    model = Classifier(GPT(GPTConfig(**meta["model"])), len(info["labels"]))
+    verify_files(directory)
+    meta = read_model_config(directory, META)
+    info = meta.get("classifier")
+    if not isinstance(info, dict) or not isinstance(info.get("labels"), list) or not info["labels"]:
+        raise GptforgeError(f"{directory / META}: no \"classifier\" section with a list of labels; the file is "
+                            "damaged or not a gptforge classifier")
+    model = Classifier(GPT(model_config(meta, directory, META)), len(info["labels"]))
     try:
         model.load_state_dict(_load_weights(directory), strict=True)
     except RuntimeError as e:
@@ -388,6 +393,8 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
         log(f"resumed from {resume_dir} at step {state['step']}")
+        if state["step"] >= total_steps:
+            log(finished_message(state["step"], total_steps, "--max-steps or --epochs"))
     run = RunDir(run_dir, config, rt, config.log, resume_step=state["step"] if resume_dir else None,
                  grad_clip=tc.grad_clip)
 
@@ -419,6 +426,7 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     bar = tqdm(total=total_steps, initial=state["step"], desc="classify", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, interrupted = time.time(), False
+    guard = NonFiniteGuard(tc.max_nonfinite, log, fp16_scaler=scaler is not None)
     order, order_epoch = None, None
     while state["step"] < total_steps:
         epoch, position = divmod(state["step"], steps_per_epoch)
@@ -441,6 +449,11 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
                  "skipped": stats.skipped, "elapsed_s": round(time.time() - t0, 2)})
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}")
+        if guard.update(step, stats):  # diverged: keep the last good state, then stop loudly
+            bar.close()
+            path = save(step)
+            run.close()
+            raise guard.error(path)
         last = step >= total_steps
         stop_now = stop.any_rank(rt)
         if val_ids and ((tc.eval_every and step % tc.eval_every == 0)

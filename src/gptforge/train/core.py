@@ -105,12 +105,17 @@ class TrainCommon:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     grad_clip: float | None = 1.0  # max gradient norm; null or 0 = no clipping
+    max_nonfinite: int = 10  # stop (with a checkpoint) after this many skipped steps in a row; 0 = never
 
     def validate_common(self) -> None:
         if self.precision not in PRECISIONS:
             raise GptforgeError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise GptforgeError(f"train.grad_clip={self.grad_clip}: must be >= 0 (0 or null: no clipping)")
+        if not 0 <= self.seed < 2**63:
+            raise GptforgeError(f"train.seed={self.seed}: must be in [0, 2^63)")
+        if self.max_nonfinite < 0:
+            raise GptforgeError(f"train.max_nonfinite={self.max_nonfinite}: must be >= 0 (0: never stop)")
 
 
 @dataclass
@@ -535,7 +540,13 @@ def restore_checkpoint(directory: Path, rt: Runtime, *, load_weights: Callable[[
     """Resume from ``directory`` (from :func:`start_checkpointing`, which verified it): load weights, optimizer
     and scaler state and this rank's RNG state; returns the trainer state (step, the stage's position, keeper)."""
     trainer_state = C.read_trainer_state(directory)
-    load_weights(directory)
+    try:
+        load_weights(directory)
+    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or other shapes
+        detail = " ".join(str(e).split())
+        raise GptforgeError(f"cannot resume from {directory}: its weights do not fit the model this config builds "
+                            f"({detail[:240]}); resume with the model settings the run started with (its "
+                            "config.yaml), or start a new run with another --name") from None
     opt_state = C.load_optimizer_state(directory, map_location=rt.device)
     load_optimizer(opt_state["optimizer"])
     if scaler is not None and opt_state.get("scaler"):
@@ -560,6 +571,12 @@ def finish_with_best(rt: Runtime, run: RunDir, keeper: BestKeeper, load_weights:
         C.write_pointer(root, "latest", final.name)
     D.barrier(rt.dist)
     return final
+
+
+def finished_message(step: int, total: int, knob: str) -> str:
+    """What ``--resume`` of a finished run says (it then only re-writes the run's results)."""
+    return (f"the run is already finished (step {step} of {total}): nothing left to train; to train longer, raise "
+            f"{knob} and --resume again")
 
 
 def require_at_least_one(section, where: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:

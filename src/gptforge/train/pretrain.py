@@ -35,6 +35,7 @@ from gptforge.train.core import (
     Runtime,
     StopFlag,
     build_optimizer,
+    finished_message,
     optimizer_step,
     restore_checkpoint,
     save_training_checkpoint,
@@ -44,6 +45,7 @@ from gptforge.train.core import (
     teardown_runtime,
 )
 from gptforge.train.metrics import device_peak_flops, summary_text
+from gptforge.train.nonfinite import NonFiniteGuard
 from gptforge.train.optim import configure_optimizer
 from gptforge.train.pretrain_config import (  # noqa: F401  (re-exported: the public names of this stage)
     CheckpointSection,
@@ -162,6 +164,7 @@ def _lm_loss(model, batch) -> torch.Tensor:
 
 def run_pretrain(cfg: PretrainConfig, log=None) -> PretrainResult:
     """Train according to ``cfg``; see the module docstring. Returns what was done and where it went."""
+    cfg.validate()
     rt = setup_runtime(cfg.train, log or print, tf32=cfg.train.tf32)
     try:
         with StopFlag() as stop:
@@ -172,7 +175,6 @@ def run_pretrain(cfg: PretrainConfig, log=None) -> PretrainResult:
 
 def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
     device, say, precision = rt.device, rt.log, rt.precision
-    cfg.optim.validate()
     if not cfg.data.path or not Path(cfg.data.path).is_dir():
         raise GptforgeError(f"data.path {cfg.data.path!r} is not a directory of prepared shards; run "
                             "`gptforge data prepare FILES --tokenizer gpt2 --out DIR` and pass --data.path=DIR")
@@ -206,8 +208,9 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
     plan = compute_plan(cfg, model.config, rt.world_size, micro_batch, _data_train_tokens(cfg.data.path))
 
     loader = TokenLoader(cfg.data.path, "train", plan.seq_len, plan.micro_batch, plan.grad_accum, rt.dist.rank,
-                         rt.world_size, seed=cfg.train.seed, mode=cfg.data.sampling, device=device)
-    val = validation_windows(cfg.data.path, plan.seq_len, cfg.data.val_tokens)
+                         rt.world_size, seed=cfg.train.seed, mode=cfg.data.sampling, device=device,
+                         vocab_size=model.config.vocab_size)  # each shard's sha256 and largest id, before use
+    val = validation_windows(cfg.data.path, plan.seq_len, cfg.data.val_tokens, vocab_size=model.config.vocab_size)
     schedule = cfg.optim.schedule_for(plan.total_steps)
     bare = model
     strategy = cfg.train.distributed
@@ -289,6 +292,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
     bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (rt.is_main and cfg.log.progress),
                unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(cfg.train.max_nonfinite, say, fp16_scaler=scaler is not None)
     last_ckpt = None
     run_t0 = time.perf_counter()
     interrupted = False
@@ -326,6 +330,12 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
 
             record.update(hellaswag_hook(bare, tokenizer, hellaswag_items))
         run.log(record)
+        if guard.update(state["step"], stats):  # diverged: keep the last good state, then stop loudly
+            bar.close()
+            state["elapsed"] += time.perf_counter() - run_t0
+            last_ckpt = save(state["step"], None)
+            run.close()
+            raise guard.error(last_ckpt)
         if (cfg.eval.sample_interval and state["step"] % cfg.eval.sample_interval == 0) or done:
             write_samples(state["step"])
         bar.set_postfix_str(f"loss {stats.loss:.4f} lr {stats.lr:.2e} gnorm {stats.grad_norm:.2f} tok/s {tok_s:,.0f}"
@@ -341,7 +351,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
             break
     bar.close()
     if start_step >= end_step:
-        say(f"nothing to do: the run is already at step {start_step} of {end_step}")
+        say(finished_message(start_step, end_step, "train.max_steps (or max_tokens, epochs, stop_at)"))
         last_ckpt = resume_dir
     state["elapsed"] += time.perf_counter() - run_t0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from gptforge.checkpoint import is_hf_directory, read_model_config, resolve_checkpoint
+from gptforge.checkpoint import is_hf_directory, model_config, read_model_config, resolve_checkpoint
 from gptforge.config import from_dict
 from gptforge.data.shards import list_shards, read_header, read_manifest
 from gptforge.errors import GptforgeError
 from gptforge.hf import config_from_hf
+from gptforge.io import read_json
 from gptforge.memory import human_bytes, training_memory
 from gptforge.model import GPT, PRESETS, GPTConfig, count_params, flops_per_token
 from gptforge.precision import pick_device, resolve_precision
 from gptforge.tokenizer import load_tokenizer
-from gptforge.train.core import CheckpointConfig, LogConfig, OptimConfig, TrainCommon
+from gptforge.train.core import CheckpointConfig, LogConfig, OptimConfig, TrainCommon, require_at_least_one
 
 # Old names, for code that imported them from here.
 OptimSection, CheckpointSection, LogSection = OptimConfig, CheckpointConfig, LogConfig
@@ -102,6 +102,38 @@ class PretrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def validate(self) -> PretrainConfig:
+        """Ranges and relations of every section; each bad value is one error naming key, value and range."""
+        d, t, e = self.data, self.train, self.eval
+        if d.seq_len is not None and d.seq_len < 1:
+            raise GptforgeError(f"data.seq_len={d.seq_len}: must be >= 1 (or unset: the model's context length)")
+        if d.val_tokens < 0:
+            raise GptforgeError(f"data.val_tokens={d.val_tokens}: must be >= 0 (0: no validation)")
+        if d.sampling not in ("random", "sequential"):
+            raise GptforgeError(f"data.sampling must be random or sequential, got {d.sampling!r}")
+        if isinstance(t.micro_batch, str) and t.micro_batch != "auto":
+            raise GptforgeError(f"train.micro_batch must be an integer or 'auto', got {t.micro_batch!r}")
+        require_at_least_one(t, "train", (), ("global_batch_tokens", "global_batch_seqs", "max_steps",
+                                               "max_tokens", "stop_at"))
+        if isinstance(t.micro_batch, int):
+            require_at_least_one(t, "train", ("micro_batch",))
+        for key in ("epochs", "tokens_per_param"):
+            value = getattr(t, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise GptforgeError(f"train.{key}={value}: must be a finite number > 0 (or unset)")
+        if t.distributed not in ("ddp", "fsdp"):
+            raise GptforgeError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
+        for key in ("interval", "sample_interval", "sample_tokens", "top_k", "hellaswag_interval"):
+            if getattr(e, key) < 0:
+                raise GptforgeError(f"eval.{key}={getattr(e, key)}: must be >= 0 (0: off)")
+        if not (math.isfinite(e.temperature) and e.temperature >= 0):
+            raise GptforgeError(f"eval.temperature={e.temperature}: must be a finite number >= 0 (0: greedy)")
+        require_at_least_one(e, "eval", ("hellaswag_items",))
+        t.validate_common()
+        self.optim.validate()
+        self.checkpoint.validate()
+        return self
 
 
 @dataclass
@@ -285,6 +317,7 @@ def _same_encoding(cfg: PretrainConfig, tokenizer) -> bool:
 
 def dry_run(cfg: PretrainConfig, log=print) -> dict:
     """Build the model on the meta device and report the plan: steps, tokens, accumulation, memory."""
+    cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_config = _dry_model_config(cfg)
     with torch.device("meta"):
@@ -359,9 +392,9 @@ def _dry_model_config(cfg: PretrainConfig) -> GPTConfig:
 def _init_source_config(cfg: PretrainConfig) -> GPTConfig:
     d = resolve_checkpoint(cfg.model.init_from)
     if is_hf_directory(d):
-        base = config_from_hf(json.loads((d / "config.json").read_text()), str(d))
+        base = config_from_hf(read_json(d / "config.json", "Hugging Face config"), str(d))
     else:
-        base = GPTConfig(**read_model_config(d)["model"])
+        base = model_config(read_model_config(d), d)
     if cfg.model.dropout is not None:
         base.dropout = cfg.model.dropout
     return base

@@ -54,6 +54,7 @@ from gptforge.train.core import (
     TrainCommon,
     build_optimizer,
     finish_with_best,
+    finished_message,
     load_base_model,
     migrate_legacy_keys,
     optimizer_step,
@@ -65,6 +66,7 @@ from gptforge.train.core import (
     start_checkpointing,
     teardown_runtime,
 )
+from gptforge.train.nonfinite import NonFiniteGuard
 
 __all__ = [
     "SFTConfig",
@@ -379,6 +381,8 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+        if state["step"] >= total_steps or state["epoch"] >= tc.epochs or state["stopped_early"]:
+            log(finished_message(state["step"], total_steps, "--max-steps or --epochs"))
     run = RunDir(run_dir, config, rt, config.log, resume_step=state["step"] if resume_dir else None,
                  grad_clip=tc.grad_clip)
 
@@ -411,6 +415,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, interrupted = time.time(), False
+    guard = NonFiniteGuard(tc.max_nonfinite, log, fp16_scaler=scaler is not None)
     batches, batches_epoch = None, None
     while state["step"] < total_steps and state["epoch"] < tc.epochs and not state["stopped_early"]:
         if batches_epoch != state["epoch"]:
@@ -435,6 +440,11 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
                  "elapsed_s": round(time.time() - t0, 2)})
         bar.update(1)
         bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}")
+        if guard.update(step, stats):  # diverged: keep the last good state, then stop loudly
+            bar.close()
+            path = save(step)
+            run.close()
+            raise guard.error(path)
         last = step >= total_steps or state["epoch"] >= tc.epochs
         stop_now = stop.any_rank(rt)
         if val_set and ((tc.eval_every and step % tc.eval_every == 0) or (not tc.eval_every and end_of_epoch)
