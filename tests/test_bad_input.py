@@ -113,6 +113,8 @@ CASES = {
                                               "--seed", "99999999999999999999999"], "--seed"),
     "generate --top-p 0": (lambda ws: ["generate", "--checkpoint", ws / "base", "--prompt", "a", "--top-p", "0"],
                            "top_p"),
+    "generate --device cuda:7": (lambda ws: ["generate", "--checkpoint", ws / "base", "--prompt", "a",
+                                             "--device", "cuda:7"], "cuda"),
     "binary --prompts-file": (lambda ws: ["generate", "--checkpoint", ws / "base", "--prompts-file",
                                           ws / "binary.bin"], "not utf-8"),
     "tokenizer info --sample missing": (lambda ws: ["tokenizer", "info", "gpt2", "--sample", ws / "nonexistent"],
@@ -285,3 +287,50 @@ def test_diverged_run_stops_with_a_checkpoint(ws, capsys):
     assert [c.name for c in ckpts] == ["step_0000004"] and str(ckpts[0]) in line
     records = [json.loads(x) for x in (ws / "runs" / "diverged" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if "loss" in r] == [False, True, True, True]
+
+
+def test_fp16_scaler_skips_warn_as_they_start_and_stop_a_run_that_keeps_skipping():
+    from gptforge.train.core import StepStats
+    from gptforge.train.nonfinite import NonFiniteGuard
+
+    lines: list[str] = []
+    guard = NonFiniteGuard(3, lines.append, fp16_scaler=True)
+    ok = StepStats(loss=2.0, grad_norm=1.0, lr=1e-3, targets=8, skipped=False, nonfinite=False)
+    backoff = StepStats(loss=2.0, grad_norm=float("inf"), lr=1e-3, targets=8, skipped=True, nonfinite=False)
+    assert [guard.update(s, st) for s, st in enumerate([ok, backoff, ok, backoff, backoff], 1)] == [False] * 5
+    assert len(lines) == 2 and "step 2 skipped: the fp16 loss scaler" in lines[0] and "2 skipped so far" in lines[1]
+    assert guard.update(6, backoff) is True  # the third in a row
+    assert "steps 4-6" in str(guard.error("ckpt/step_0000006"))
+    never = NonFiniteGuard(0, lines.append)
+    assert not any(never.update(s, backoff) for s in range(1, 50))
+
+
+def test_sampling_from_a_diverged_model_does_not_crash(make_tiny_model):
+    import torch
+
+    from gptforge.engine import Engine, SamplingParams
+    from gptforge.sampling import finite_logits
+
+    model, tok = make_tiny_model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    engine = Engine(model, tok, device="cpu")
+    for params in (SamplingParams(max_new_tokens=4, seed=1), SamplingParams(max_new_tokens=4, temperature=0),
+                   SamplingParams(max_new_tokens=4, seed=1, top_p=0.9, top_k=5, repetition_penalty=1.1)):
+        (out,) = engine.generate(["Hello"], params)
+        assert len(out.token_ids) >= 1
+    mixed = torch.tensor([[1.0, float("nan"), float("inf")], [float("nan")] * 3])
+    fixed = finite_logits(mixed)
+    assert fixed[0].argmax() == 2 and torch.isneginf(fixed[0, 1]) and torch.equal(fixed[1], torch.zeros(3))
+    finite = torch.randn(2, 5)
+    assert finite_logits(finite) is finite
+
+
+def test_prepare_survives_a_huge_whitespace_run(ws, capsys):
+    """tiktoken's regex gives up on ~1M-character whitespace runs; prepare cuts pieces small enough."""
+    (ws / "spaces.txt").write_text("hello" + " " * 3_000_000 + "world\n\nsecond document\n", encoding="utf-8")
+    rc, out, err = run_cli(["data", "prepare", ws / "spaces.txt", "--out", ws / "spaces", "--val-fraction", "0",
+                            "--text-sep", "blank", "--no-progress", "--workers", "1"], capsys)
+    assert rc == 0, err
+    shutil.rmtree(ws / "spaces")
+    (ws / "spaces.txt").unlink()

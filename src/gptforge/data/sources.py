@@ -27,7 +27,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 JSON_SUFFIXES = {".json"}
 PARQUET_SUFFIXES = {".parquet"}
-DEFAULT_PIECE_CHARS = 1 << 20
+DEFAULT_PIECE_CHARS = 1 << 18  # tiktoken fails on ~1M-character whitespace runs; cuts never change the ids
 MIN_PIECE_CHARS = 4096
 _READ_BLOCK = 1 << 20
 # A cut is safe right before " Y" after a non-space, or right after "x\n" before a non-space (see module doc).
@@ -92,14 +92,25 @@ def decode_utf8(raw: bytes, stats: ReadStats) -> str:
 
 
 def safe_cut(text: str, limit: int) -> int:
-    """The largest safe cut position in ``text[limit // 2 : limit]`` (``limit`` when there is none)."""
+    """The largest safe cut position in ``text[limit // 2 : limit]`` (``limit`` when there is none).
+
+    Searched in growing tails ending at ``limit`` (the last safe point is nearly always close to it), so a cut
+    costs O(distance to it), not O(limit). A tail misses only points at its first two characters (the
+    regex cannot look behind the tail); any point it finds is larger, and when it finds none the next, longer
+    tail sees them: the result is that of one search over the whole range."""
     lo = max(1, limit // 2)
-    window = text[lo : limit + 1]
-    last = None
-    for m in _SAFE_CUT.finditer(window):
-        if m.start() + lo <= limit:
-            last = m.start()
-    return lo + last if last is not None and last > 0 else limit
+    span = 4096
+    while True:
+        start = max(lo, limit - span)
+        last = None
+        for m in _SAFE_CUT.finditer(text[start : limit + 1]):
+            if m.start() + start <= limit:
+                last = m.start()
+        if last is not None and last > 0:
+            return start + last
+        if start == lo:
+            return limit
+        span *= 16
 
 
 def split_document(text: str, where: str, piece_chars: int, nbytes: int) -> Iterator[Piece]:
@@ -244,6 +255,28 @@ def _whole_file_pieces(src: Source, stats: ReadStats, piece_chars: int) -> Itera
         stats.documents += 1
     for p in split_document(buf, where, piece_chars, pending):
         yield Piece(p.text, first and p.first, p.nbytes, where)
+
+
+def file_text_chunks(
+    path: str | Path, stats: ReadStats, piece_chars: int = DEFAULT_PIECE_CHARS
+) -> Iterator[tuple[str, int]]:
+    """The exact decoded text of one file as consecutive ``(text, raw bytes)`` chunks of at most
+    ``piece_chars`` characters, cut at safe points (module doc), so tokenizing chunk by chunk gives the ids
+    of tokenizing the whole text. Unlike a ``txt`` source nothing is stripped, split into documents or
+    dropped (a whitespace-only file comes back as it is). Invalid UTF-8 is replaced and counted in
+    ``stats``; memory stays O(piece_chars + read block) whatever the line length."""
+    piece_chars = max(MIN_PIECE_CHARS, piece_chars)
+    buf, pending = "", 0
+    for text, nbytes in _decoded_blocks(str(path), stats):
+        buf += text
+        pending += nbytes
+        while len(buf) > 2 * piece_chars:
+            cut = safe_cut(buf, piece_chars)
+            yield buf[:cut], pending
+            buf, pending = buf[cut:], 0
+    for p in split_document(buf, str(path), piece_chars, pending):
+        if p.text or p.nbytes:
+            yield p.text, p.nbytes
 
 
 def _record_text(record, src: Source, where: str, stats: ReadStats, skip_bad: bool) -> str | None:

@@ -59,41 +59,94 @@ class TokenStream:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def shard_stream(directory: str | Path, split: str = "val") -> tuple[TokenStream, dict]:
-    """The ``split`` shards of a prepared dataset as one stream, plus its manifest (``{}`` when absent)."""
-    from gptforge.data.shards import MANIFEST, list_shards, read_manifest, read_shard
+def shard_stream(directory: str | Path, split: str = "val", vocab_size: int | None = None
+                 ) -> tuple[TokenStream, dict]:
+    """The ``split`` shards of a prepared dataset as one stream, plus its manifest (``{}`` when absent).
+
+    Every shard is verified up front (:func:`gptforge.data.shards.verify_shard`: the manifest's sha256, and
+    token ids below ``vocab_size`` when given); results are cached per process."""
+    from gptforge.data.shards import (
+        MANIFEST,
+        list_shards,
+        read_manifest,
+        read_shard,
+        shard_checksums,
+        verify_shard,
+    )
 
     directory = Path(directory)
     paths = list_shards(directory, split)
     manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {}
+    checksums = shard_checksums(directory, split, paths)
+    for p in paths:
+        verify_shard(p, checksums.get(p.name), vocab_size)
     return TokenStream([read_shard(p) for p in paths], f"{directory} ({split}, {len(paths)} shards)"), manifest
+
+
+# Raw text is read in pieces of at most TEXT_PIECE_CHARS characters (cut where GPT-2's pre-tokenizer splits
+# anyway, so the ids do not depend on it; 256 Ki keeps a hard cut in a huge whitespace run below the ~1 M
+# characters at which tiktoken's regex fails), tokenized TEXT_BATCH_CHARS at a time, kept in blocks of
+# TEXT_BLOCK_TOKENS.
+TEXT_PIECE_CHARS = 1 << 18
+TEXT_BATCH_CHARS = 1 << 22
+TEXT_BLOCK_TOKENS = 1 << 24
 
 
 def text_stream(files: list[str | Path], tokenizer: Tokenizer, text_field: str = "text",
                 separator: str | None = None) -> TokenStream:
     """Raw text/jsonl/parquet files tokenized exactly as ``gptforge data prepare`` does: documents found by the
     same readers (``separator``: None = auto-detect for .txt), an end-of-text token before every document,
-    all concatenated."""
+    all concatenated.
+
+    Reading and tokenizing go in bounded pieces with prepare's own readers and encoder, and the ids are kept
+    as compact arrays (uint16 when the vocabulary fits, else uint32): memory is 2–4 bytes per token plus a
+    few MB, whatever the file or line length. The whole input is tokenized (its length bounds
+    ``--start``/``--tokens``)."""
+    import sys
+
+    from gptforge.data.shards import token_dtype
     from gptforge.data.sources import ReadStats, expand_sources
+    from gptforge.data.workers import _init_local_encoder, encode_batch, encoder_payload
 
     for f in files:
         if not Path(f).exists():
             raise GptforgeError(f"data file not found: {f}")
     sources = expand_sources([str(f) for f in files], separator, text_field)
     stats = ReadStats()
-    texts, firsts = [], []
-    for src in sources:
-        for piece in src.pieces(stats):
-            texts.append(piece.text)
-            firsts.append(piece.first)
-    if not texts:
+    dtype = token_dtype(tokenizer.vocab_size)
+    _init_local_encoder(tokenizer, encoder_payload(tokenizer), dtype)
+
+    def batches():
+        texts, firsts, chars = [], [], 0
+        for src in sources:
+            for piece in src.pieces(stats, TEXT_PIECE_CHARS):
+                if texts and chars + len(piece.text) > TEXT_BATCH_CHARS:
+                    yield texts, np.array(firsts, dtype=bool)
+                    texts, firsts, chars = [], [], 0
+                texts.append(piece.text)
+                firsts.append(piece.first)
+                chars += len(piece.text)
+        if texts:
+            yield texts, np.array(firsts, dtype=bool)
+
+    blocks: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    pending_tokens = 0
+    for texts, firsts in batches():
+        ids = encode_batch(texts, firsts)[0]
+        pending.append(ids)
+        pending_tokens += len(ids)
+        if pending_tokens >= TEXT_BLOCK_TOKENS:
+            blocks.append(np.concatenate(pending))
+            pending, pending_tokens = [], 0
+    if pending:
+        blocks.append(np.concatenate(pending))
+    if not blocks:
         raise GptforgeError(f"no documents in {', '.join(map(str, files))}")
-    ids: list[int] = []
-    for first, piece_ids in zip(firsts, tokenizer.encode_batch(texts)):
-        if first:
-            ids.append(tokenizer.eot_id)
-        ids.extend(piece_ids)
-    return TokenStream([np.asarray(ids, dtype=np.int64)], ", ".join(map(str, files)))
+    if stats.bad_utf8:
+        print(f"gptforge: {', '.join(map(str, files))}: {stats.bad_utf8:,} invalid UTF-8 sequences replaced "
+              "with U+FFFD", file=sys.stderr)
+    return TokenStream(blocks, ", ".join(map(str, files)))
 
 
 def is_prepared_dir(path: str | Path) -> bool:
@@ -285,7 +338,7 @@ def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None,
     if _stream_cache is not None and cache_key in _stream_cache:
         stream, manifest = _stream_cache[cache_key]
     else:
-        stream, manifest = _stream_for(data, tokenizer, split, text_field, separator)
+        stream, manifest = _stream_for(data, tokenizer, split, text_field, separator, model.config.vocab_size)
         if _stream_cache is not None:
             _stream_cache[cache_key] = (stream, manifest)
     _check_tokenizer(manifest, tokenizer, stream, data if isinstance(data, (str, Path)) else None)
@@ -303,12 +356,13 @@ def _default_device() -> str:
     return str(pick_device("auto"))
 
 
-def _stream_for(data, tokenizer, split, text_field, separator=None) -> tuple[TokenStream, dict]:
+def _stream_for(data, tokenizer, split, text_field, separator=None, vocab_size: int | None = None
+                ) -> tuple[TokenStream, dict]:
     if isinstance(data, TokenStream):
         return data, {}
     files = [data] if isinstance(data, (str, Path)) else list(data)
     if len(files) == 1 and is_prepared_dir(files[0]):
-        return shard_stream(files[0], split)
+        return shard_stream(files[0], split, vocab_size=vocab_size)
     for f in files:
         if Path(f).is_dir():
             raise GptforgeError(f"{f} is a directory without shards; pass a prepared dataset directory "
