@@ -334,3 +334,19 @@ def test_prepare_survives_a_huge_whitespace_run(ws, capsys):
     assert rc == 0, err
     shutil.rmtree(ws / "spaces")
     (ws / "spaces.txt").unlink()
+
+
+def test_prepare_refuses_an_input_edited_since_the_data_was_made(ws, capsys):
+    """Same size, other bytes: the content hash in the fingerprint catches what path + size could not."""
+    corpus = ws / "edited.txt"
+    corpus.write_bytes((ws / "corpus.txt").read_bytes())
+    argv = ["data", "prepare", corpus, "--tokenizer", ws / "tok", "--out", ws / "edited", "--val-fraction", "0.1",
+            "--workers", "1", "--no-progress"]
+    assert run_cli(argv, capsys)[0] == 0
+    data = bytearray(corpus.read_bytes())
+    data[1000:1004] = b"XXXX"
+    corpus.write_bytes(bytes(data))
+    before = snapshot(ws)
+    rc, _, err = run_cli(argv, capsys)
+    assert_one_error(rc, err, "edited.txt changed")
+    assert snapshot(ws) == before
