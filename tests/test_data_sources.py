@@ -154,3 +154,19 @@ def test_hub_dataset_records_stream_through_datasets(monkeypatch, data_dir):
     docs, stats = _docs(src)
     assert calls == [("Rowan/hellaswag", None, "validation", True)]
     assert docs == [r["ctx"] for r in records] and stats.documents == 20
+
+
+def test_auto_separator_recognises_one_document_per_line(tmp_path, data_dir):
+    """Articles one per line (long lines, no blank lines) are documents; verse or prose lines are not."""
+    from gptforge.data.sources import detect_separator, separator_rule
+
+    words = (data_dir / "pretrain" / "wikitext2-raw-test.txt").read_text(encoding="utf-8").split()
+    articles = "\n".join(" ".join(words[i * 60:(i + 1) * 60]) for i in range(50)) + "\n"
+    (tmp_path / "articles.txt").write_text(articles, encoding="utf-8")
+    rule, why = separator_rule(tmp_path / "articles.txt")
+    assert rule == "line" and "50 documents" in why
+    verse = "\n".join(line for line in (data_dir / "pretrain" / "tinyshakespeare.txt").read_text(
+        encoding="utf-8").splitlines()[:400] if line.strip())
+    (tmp_path / "verse.txt").write_text(verse, encoding="utf-8")
+    assert detect_separator(tmp_path / "verse.txt") == "file"
+    assert detect_separator(data_dir / "pretrain" / "wikitext2-raw-test.txt") == "blank"

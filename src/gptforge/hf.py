@@ -15,7 +15,7 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.io import read_json
 from gptforge.model import GPT, GPTConfig
-from gptforge.tokenizer import EOT, PAD, BPETokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
+from gptforge.tokenizer import EOT, IM_START, PAD, BPETokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
 
 # Hugging Face GPT-2 uses Conv1D (weight stored as in×out); these need a transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -85,7 +85,7 @@ def export_model(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path, e
         eos = tokenizer.eot_id
         GenerationConfig(bos_token_id=eos, eos_token_id=_stop_ids(tokenizer), pad_token_id=tokenizer.pad_id,
                          do_sample=False).save_pretrained(out_dir)
-        export_tokenizer(tokenizer, out_dir)
+        export_tokenizer(tokenizer, out_dir, model_max_length=model.config.block_size)
     for name, text in (extra_files or {}).items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir
@@ -150,19 +150,29 @@ def _last_merge(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[b
     return parts[0], parts[1]
 
 
-def export_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> None:
-    """Save as a ``PreTrainedTokenizerFast`` (tokenizer.json + tokenizer_config.json with the chat template)."""
+def export_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> None:
+    """Save as a ``PreTrainedTokenizerFast`` (tokenizer.json + tokenizer_config.json with the chat template).
+
+    ``model_max_length`` is the model's context, so ``truncation=True`` cuts to what the model can read; padding
+    is on the left, as batched generation with a decoder-only model needs.
+    """
     from transformers import PreTrainedTokenizerFast
 
+    limits = {"model_max_length": model_max_length} if model_max_length else {}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=hf_tokenizers_object(tokenizer), eos_token=EOT, bos_token=EOT, unk_token=EOT,
-        pad_token=PAD if PAD in tokenizer.special_tokens else EOT,
+        pad_token=PAD if PAD in tokenizer.special_tokens else EOT, padding_side="left", **limits,
     )
     extra = [t for t in tokenizer.special_tokens if t not in (EOT, PAD)]
     if extra:
         fast.add_special_tokens({"additional_special_tokens": extra})
-    if tokenizer.chat_template:
-        fast.chat_template = tokenizer.chat_template
+    template = tokenizer.chat_template
+    if template is None and IM_START in tokenizer.special_tokens:  # what gptforge chat/serve render with
+        from gptforge.chat_template import default_template
+
+        template = default_template()
+    if template:
+        fast.chat_template = template
     fast.save_pretrained(str(out_dir))
 
 

@@ -57,12 +57,26 @@ class Tokenizer:
         return self.special_tokens[token]
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Token ids of ``text``. Special-token strings are plain text unless ``allow_special``."""
-        return self._encode(text, allow_special)
+        """Token ids of ``text``. Special-token strings are plain text unless ``allow_special``.
+
+        Lone surrogates (JSON escapes like ``"\\ud800"`` decode to them) are replaced with U+FFFD first, as
+        tiktoken does, so every backend accepts any Python string.
+        """
+        try:
+            return self._encode(text, allow_special)
+        except (TypeError, UnicodeEncodeError):
+            cleaned = replace_surrogates(text)
+            if cleaned is text:
+                raise
+            return self._encode(cleaned, allow_special)
 
     def encode_batch(self, texts: list[str], allow_special: bool = False, num_threads: int = 0) -> list[list[int]]:
-        """Encode many texts with the backend's native threads."""
-        return self._encode_batch(texts, allow_special, num_threads or os.cpu_count() or 1)
+        """Encode many texts with the backend's native threads (lone surrogates replaced, as in :meth:`encode`)."""
+        threads = num_threads or os.cpu_count() or 1
+        try:
+            return self._encode_batch(texts, allow_special, threads)
+        except (TypeError, UnicodeEncodeError):
+            return self._encode_batch([replace_surrogates(t) for t in texts], allow_special, threads)
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -320,6 +334,17 @@ def _split_specials(text: str, specials: dict[str, int]) -> list[tuple[str, bool
     for i, part in enumerate(pattern.split(text)):
         out.append((part, i % 2 == 1))
     return out
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (the same object when it has none)."""
+    if not isinstance(text, str):
+        raise GptforgeError(f"text to encode must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def load_tokenizer(spec: str | Path, extra_special: list[str] | tuple[str, ...] | None = None) -> Tokenizer:

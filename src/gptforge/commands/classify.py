@@ -27,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--trainable", default=None, choices=["all", "last_blocks", "head"],
                    help="what trains: everything, the last k blocks + final LayerNorm + head, or the head only")
     p.add_argument("--last-k", type=positive_int, default=None, help="blocks that train with --trainable last_blocks")
-    p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training split")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="train exactly N optimizer steps; overrides --epochs (as in HF Trainer)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")

@@ -31,8 +31,9 @@ def register(sub) -> None:
                    help="pad to longest in batch, length-grouped batches, or packed windows")
     p.add_argument("--split", default=None, help="train,val,test fractions (default 0.85,0.05,0.10)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only N conversations (seeded sample)")
-    p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training split")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="train exactly N optimizer steps; overrides --epochs (as in HF Trainer)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--grad-accum", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)

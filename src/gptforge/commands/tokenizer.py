@@ -218,7 +218,7 @@ def run_encode(args) -> int:
     from pathlib import Path
 
     from gptforge.errors import GptforgeError
-    from gptforge.tokenizer import load_tokenizer
+    from gptforge.tokenizer import load_tokenizer, replace_surrogates
 
     if (args.text is None) == (args.file is None):
         raise GptforgeError("give the text to encode, or --file FILE (not both)")
@@ -227,6 +227,7 @@ def run_encode(args) -> int:
         raise GptforgeError(f"--file {args.file} {what}; pass an existing text file")
     # Bytes decoded as they are (read_text would turn \r\n into \n and change the ids).
     text = args.text if args.file is None else Path(args.file).read_bytes().decode("utf-8", errors="replace")
+    text = replace_surrogates(text)  # undecodable argv bytes arrive as lone surrogates
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(text, allow_special=args.allow_special)
     pieces = [tok.id_to_piece(i) for i in ids]

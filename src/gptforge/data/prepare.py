@@ -27,8 +27,15 @@ import numpy as np
 
 from gptforge.charts import save_figure
 from gptforge.data import shards as shardfmt
+from gptforge.data.prepare_state import (
+    HISTOGRAM_PNG,
+    STATE,
+    check_existing,
+    fingerprint_of,
+    temp_files,
+)
 from gptforge.data.shards import ShardWriter
-from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources
+from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources, separator_rule
 from gptforge.data.workers import (  # noqa: F401  (is_validation: the split rule, part of this module's API)
     SPLIT_HASH_CHARS,
     _init_local_encoder,
@@ -38,10 +45,8 @@ from gptforge.data.workers import (  # noqa: F401  (is_validation: the split rul
     is_validation,
 )
 from gptforge.errors import GptforgeError
-from gptforge.io import read_json, sha256_file, write_json
+from gptforge.io import write_json
 
-STATE = ".prepare_state.json"
-HISTOGRAM_PNG = "doc_lengths.png"
 FORMAT = "gptforge-shards-1"
 
 
@@ -151,130 +156,6 @@ def _validate(cfg: PrepareConfig) -> None:
                             "one that holds a prepared dataset")
 
 
-def _source_id(src) -> dict:
-    """What identifies an input in the fingerprint: its description, size and (local files) content hash."""
-    ident = {**src.describe(), "bytes": src.size}
-    if src.kind != "hub":
-        try:
-            ident["sha256"] = sha256_file(src.path)
-        except OSError as e:
-            raise GptforgeError(f"cannot read input {src.path}: {e.strerror or e}; check the path") from None
-    return ident
-
-
-def _fingerprint(cfg: PrepareConfig, tokenizer, sources) -> dict:
-    return {
-        "tokenizer": {
-            "name": tokenizer.name,
-            "hash": tokenizer.content_hash(),
-            "vocab_size": tokenizer.vocab_size,
-        },
-        # ~1.5 GB/s of sha256, well under tokenizing speed: a 38 MB file costs ~25 ms
-        "sources": [_source_id(s) for s in sources],
-        "val_fraction": cfg.val_fraction,
-        "split_salt": cfg.split_salt,
-        "shard_tokens": cfg.shard_tokens,
-        "max_tokens": cfg.max_tokens,
-        "skip_bad": cfg.skip_bad,
-    }
-
-
-def _our_files(out: Path) -> list[Path]:
-    names = [shardfmt.MANIFEST, STATE, HISTOGRAM_PNG]
-    return (
-        [out / n for n in names if (out / n).exists()]
-        + sorted(out.glob("train_*.bin*"))
-        + sorted(out.glob("val_*.bin*"))
-        + sorted(out.glob(".prepare_tail_*.npz"))
-        + _temp_files(out)
-    )
-
-
-def _temp_files(out: Path) -> list[Path]:
-    """Temporary files a killed run may leave behind (``.<name>.<random>.tmp``, see :mod:`gptforge.io`)."""
-    names = ["train_*.bin", "val_*.bin", shardfmt.MANIFEST, STATE, HISTOGRAM_PNG]
-    return sorted(p for n in names for p in out.glob(f".{n}.*.tmp"))
-
-
-def _comparable(old: dict, fingerprint: dict) -> dict:
-    """``fingerprint`` without the input hashes ``old`` lacks (written before inputs were hashed), so such a
-    directory still compares by path and size rather than failing as 'changed'."""
-    old_sources, new_sources = old.get("sources"), fingerprint["sources"]
-    if not isinstance(old_sources, list) or len(old_sources) != len(new_sources):
-        return fingerprint
-    sources = [n if isinstance(o, dict) and "sha256" in o else {k: v for k, v in n.items() if k != "sha256"}
-               for o, n in zip(old_sources, new_sources)]
-    return {**fingerprint, "sources": sources}
-
-
-def _sources_change(old: list, new: list, since: str) -> str:
-    """Which inputs differ between two fingerprints, in a few words."""
-    if not isinstance(old, list) or not all(isinstance(o, dict) for o in old):
-        return "the recorded inputs are unreadable"
-    old_paths, new_paths = [o.get("path") for o in old], [n.get("path") for n in new]
-    if old_paths != new_paths:
-        added = [p for p in new_paths if p not in old_paths]
-        removed = [p for p in old_paths if p not in new_paths]
-        parts = ([f"added {', '.join(map(str, added[:3]))}"] if added else []) + (
-            [f"removed {', '.join(map(str, removed[:3]))}"] if removed else [])
-        return "; ".join(parts) or "the inputs are in a different order"
-    details = []
-    for o, n in zip(old, new):
-        if o == n:
-            continue
-        if o.get("sha256") != n.get("sha256") or o.get("bytes") != n.get("bytes"):
-            ob, nb = o.get("bytes"), n.get("bytes")
-            size = "same size" if ob == nb else f"{ob} -> {nb} bytes"
-            sha = f"sha256 {str(o.get('sha256'))[:12]} -> {str(n.get('sha256'))[:12]}"
-            details.append(f"{n['path']} changed since {since} ({size}, {sha})")
-        else:
-            keys = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k))
-            details.append(f"{n['path']}: " + ", ".join(f"{k} {o.get(k)!r} -> {n.get(k)!r}" for k in keys))
-    more = f" and {len(details) - 3} more" if len(details) > 3 else ""
-    return "; ".join(details[:3]) + more
-
-
-def _check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str, dict | None]:
-    """('fresh'|'done'|'resume', previous state) after checking what ``out`` already holds."""
-    manifest_path, state_path = out / shardfmt.MANIFEST, out / STATE
-    previous = None
-    if manifest_path.is_file():
-        previous = shardfmt.read_manifest(out)
-    elif state_path.is_file():
-        previous = read_json(state_path, "prepare checkpoint")
-    if overwrite:
-        for p in _our_files(out):
-            p.unlink()
-        return "fresh", None
-    if previous is None:
-        stray = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin"))
-        if stray:
-            raise GptforgeError(
-                f"{out} already holds shards ({stray[0].name}, ...) but no manifest: "
-                "use a new --out directory or pass --overwrite"
-            )
-        return "fresh", None
-    old = previous.get("fingerprint", {})
-    old_tok, new_tok = old.get("tokenizer", {}), fingerprint["tokenizer"]
-    if old_tok.get("hash") != new_tok["hash"]:
-        raise GptforgeError(
-            f"{out} holds shards made with tokenizer {old_tok.get('name')!r} (hash {old_tok.get('hash')}, vocab "
-            f"{old_tok.get('vocab_size')}), not {new_tok['name']!r} (hash {new_tok['hash']}, vocab "
-            f"{new_tok['vocab_size']}): use a new --out directory or pass --overwrite"
-        )
-    fingerprint = _comparable(old, fingerprint)
-    if old != fingerprint:
-        changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-        since = "it was prepared" if manifest_path.is_file() else "the interrupted run"
-        detail = (f": {_sources_change(old.get('sources'), fingerprint['sources'], since)}"
-                  if "sources" in changed else "")
-        raise GptforgeError(
-            f"{out} holds data prepared with different options ({', '.join(changed)}){detail}; "
-            "use a new --out directory or pass --overwrite"
-        )
-    return ("done" if manifest_path.is_file() else "resume"), previous
-
-
 def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
     """Tokenize ``cfg.sources`` into ``cfg.out``; returns the manifest. See the module doc for guarantees."""
     from gptforge.tokenizer import load_tokenizer
@@ -282,14 +163,20 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
     _validate(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
     sources = expand_sources(cfg.sources, cfg.separator, cfg.field, cfg.column, cfg.hub_config, cfg.hub_split)
+    if cfg.progress and cfg.separator in (None, "auto"):  # say which rule split each text file, before tokenizing
+        for src in sources:
+            if src.kind == "txt":
+                rule, why = separator_rule(src.path)
+                reason = f": {why}" if rule == src.separator else " (the dataset's own rule)"
+                print(f"{src.path}: documents split by {src.separator!r}{reason}; --text-sep chooses another")
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GptforgeError(f"cannot create the --out directory {out}: {e.strerror or e}; "
                             "pass a writable directory path") from None
-    fingerprint = _fingerprint(cfg, tokenizer, sources)
-    status, previous = _check_existing(out, fingerprint, cfg.overwrite)
+    fingerprint = fingerprint_of(cfg, tokenizer, sources)
+    status, previous = check_existing(out, fingerprint, cfg.overwrite)
     if status == "done":
         if cfg.progress:
             print(
@@ -340,7 +227,7 @@ class _Run:
         for stale in list(self.out.glob("train_*.bin*")) + list(self.out.glob("val_*.bin*")):
             if stale.name not in keep:
                 stale.unlink()  # written after the last checkpoint: will be written again
-        for tmp in _temp_files(self.out):
+        for tmp in temp_files(self.out):
             tmp.unlink(missing_ok=True)  # a write the kill interrupted
         self.docs.load(state["docs"])
         self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]

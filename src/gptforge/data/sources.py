@@ -423,13 +423,27 @@ def _kind_of(path: str) -> str | None:
 
 
 def detect_separator(path: str | Path) -> str:
-    """The document separator of a .txt file judged from its first MiB: ``<|endoftext|>`` when it occurs,
-    else ``blank`` when there are blank lines, else ``file`` (the whole file is one document)."""
+    """The document separator of a .txt file judged from its first MiB (see :func:`separator_rule`)."""
+    return separator_rule(path)[0]
+
+
+def separator_rule(path: str | Path) -> tuple[str, str]:
+    """``(separator, why)`` for a .txt file judged from its first MiB: ``<|endoftext|>`` when it occurs; else
+    ``blank`` when there are blank lines; else ``line`` when the file looks like one document per line (two or
+    more lines, median length >= 200 characters: articles or records, not verse or prose lines); else ``file``
+    (the whole file is one document). ``why`` names the rule and the documents counted in that first MiB."""
     with open(path, "rb") as f:
         head = f.read(1 << 20).decode("utf-8", errors="replace")
     if "<|endoftext|>" in head:
-        return "<|endoftext|>"
-    return "blank" if _BLANK_LINE.search(head) else "file"
+        return "<|endoftext|>", f"<|endoftext|> occurs ({head.count('<|endoftext|>') + 1} documents in the first MiB)"
+    if _BLANK_LINE.search(head):
+        n = len([d for d in _BLANK_LINE.split(head) if d.strip()])
+        return "blank", f"blank lines separate paragraphs ({n} documents in the first MiB)"
+    lines = [len(line) for line in head.split("\n") if line.strip()]
+    if len(lines) >= 2 and sorted(lines)[len(lines) // 2] >= 200:
+        return "line", (f"no blank lines and long lines (median {sorted(lines)[len(lines) // 2]} characters): one "
+                        f"document per line ({len(lines)} documents in the first MiB)")
+    return "file", "no blank lines, no <|endoftext|> and short lines: the whole file is one document"
 
 
 def expand_sources(

@@ -375,9 +375,9 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     autocast = rt.precision.autocast
     train_ids, train_y = encoded["train"]
     steps_per_epoch = max(1, len(train_ids) // tc.batch_size)  # the last partial batch is dropped (equal weights)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch  # max_steps overrides epochs (as in HF Trainer)
+    log(f"training for {total_steps} steps = {total_steps / steps_per_epoch:.2f} epoch(s) of {steps_per_epoch} "
+        + ("(train.max_steps; it overrides train.epochs)" if tc.max_steps else f"(train.epochs={tc.epochs})"))
     schedule = config.optim.schedule_for(total_steps)
     info = {"labels": labels, "max_len": max_len, "pad_id": pad_id, "base": meta.get("path"),
             "trainable": tc.trainable, "last_k": tc.last_k}

@@ -104,7 +104,7 @@ class SFTTrainConfig(TrainCommon):
     """SFT's ``train`` keys; precision, seed, device and grad_clip are the shared ones."""
 
     epochs: int = 2
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached)
+    max_steps: int | None = None  # train exactly this many optimizer steps (overrides epochs, as in HF Trainer)
     batch_size: int = 8
     grad_accum: int = 1
     neftune_alpha: float = 0.0  # NEFTune noise scale (5 in seed 000); 0 = off
@@ -363,9 +363,10 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     if not first:
         raise GptforgeError(f"{len(train_set)} training examples make fewer batches than the {world} processes")
     steps_per_epoch = max(1, len(first) // tc.grad_accum)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch  # max_steps overrides epochs (as in HF Trainer)
+    epoch_limit = math.ceil(total_steps / steps_per_epoch)
+    log(f"training for {total_steps} steps = {total_steps / steps_per_epoch:.2f} epoch(s) of {steps_per_epoch} "
+        + ("(train.max_steps; it overrides train.epochs)" if tc.max_steps else f"(train.epochs={tc.epochs})"))
     schedule = config.optim.schedule_for(total_steps)
     if tc.neftune_alpha > 0:
         add_neftune(model, tc.neftune_alpha)
@@ -381,7 +382,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
-        if state["step"] >= total_steps or state["epoch"] >= tc.epochs or state["stopped_early"]:
+        if state["step"] >= total_steps or state["epoch"] >= epoch_limit or state["stopped_early"]:
             log(finished_message(state["step"], total_steps, "--max-steps or --epochs"))
     run = RunDir(run_dir, config, rt, config.log, resume_step=state["step"] if resume_dir else None,
                  grad_clip=tc.grad_clip)
@@ -417,7 +418,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     t0, interrupted = time.time(), False
     guard = NonFiniteGuard(tc.max_nonfinite, log, fp16_scaler=scaler is not None)
     batches, batches_epoch = None, None
-    while state["step"] < total_steps and state["epoch"] < tc.epochs and not state["stopped_early"]:
+    while state["step"] < total_steps and state["epoch"] < epoch_limit and not state["stopped_early"]:
         if batches_epoch != state["epoch"]:
             batches, batches_epoch = rank_batches(state["epoch"]), state["epoch"]
         epoch_steps = max(1, len(batches) // tc.grad_accum)
@@ -445,7 +446,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
             path = save(step)
             run.close()
             raise guard.error(path)
-        last = step >= total_steps or state["epoch"] >= tc.epochs
+        last = step >= total_steps or state["epoch"] >= epoch_limit
         stop_now = stop.any_rank(rt)
         if val_set and ((tc.eval_every and step % tc.eval_every == 0) or (not tc.eval_every and end_of_epoch)
                         or last):
