@@ -10,7 +10,7 @@ from gptforge.cli import build_parser, main
 # The stages of the design, in the order of the user's journey (and of ``gptforge --help``). Written out
 # here on purpose: checking the parser against cli.COMMAND_MODULES would pass whatever that list holds.
 DESIGN_COMMANDS = ["quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify",
-                   "generate", "chat", "serve", "eval", "export", "import"]
+                   "generate", "chat", "serve", "eval", "compare", "export", "import"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

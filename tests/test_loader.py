@@ -1,4 +1,5 @@
-"""The shard loader: shifted targets, disjoint data per rank, exact resume, epochs, a fixed validation slice."""
+"""The shard loader: shifted targets, disjoint data per rank, exact resume (also across a batch change), a fixed
+validation slice. Epochs, in-order reading, start_token and coverage: test_loader_epochs.py."""
 
 import numpy as np
 import pytest
@@ -53,23 +54,53 @@ def test_sequential_mode_is_one_epoch_of_nonoverlapping_windows_split_across_ran
 
 
 def test_state_dict_resumes_with_exactly_the_batches_it_would_have_seen(shakespeare_shards):
-    for mode in ("random", "sequential"):
-        a = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, grad_accum=3, seed=5, mode=mode)
+    for mode, start in (("random", 0), ("sequential", 0), ("in_order", 0), ("sequential", 50_000)):
+        a = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, grad_accum=3, seed=5, mode=mode,
+                        start_token=start)
         for _ in range(7):
             a.next_batch()
         state = a.state_dict()
         expected = [a.next_batch() for _ in range(5)]
-        b = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, grad_accum=3, seed=5, mode=mode)
-        b.load_state_dict(state)
+        b = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, grad_accum=3, seed=5, mode=mode,
+                        start_token=start)
+        assert b.load_state_dict(state) is None  # same layout: nothing to map
         for (ex, ey), (gx, gy) in zip(expected, (b.next_batch() for _ in range(5))):
             assert torch.equal(ex, gx) and torch.equal(ey, gy)
 
 
-def test_resume_with_a_different_batch_layout_is_refused(shakespeare_shards):
-    a = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, seed=5)
-    b = TokenLoader(shakespeare_shards, "train", T, micro_batch=8, seed=5)
-    with pytest.raises(GptforgeError, match="global_batch"):
-        b.load_state_dict(a.state_dict())
+def test_resume_with_another_global_batch_continues_at_the_same_window(shakespeare_shards):
+    a = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, seed=5, mode="sequential")
+    for _ in range(3):
+        a.next_batch()
+    state = a.state_dict()
+    reference = torch.cat([a.next_batch()[0] for _ in range(4)])  # windows 12..27 at batch 4
+    b = TokenLoader(shakespeare_shards, "train", T, micro_batch=8, seed=5, mode="sequential")
+    mapped = b.load_state_dict(state)
+    assert mapped == {"step": 3, "windows": 12, "tokens": 12 * T, "from_global_batch": 4, "to_global_batch": 8}
+    assert torch.equal(torch.cat([b.next_batch()[0] for _ in range(2)]), reference)
+    assert b.step == 5 and b.tokens_consumed == 28 * T
+    c = TokenLoader(shakespeare_shards, "train", T, micro_batch=8, seed=5, mode="sequential")
+    c.load_state_dict(b.state_dict())  # and the mapped run resumes exactly in turn
+    assert torch.equal(c.next_batch()[0], b.next_batch()[0])
+
+
+def test_random_windows_after_a_batch_change_are_fresh_draws(shakespeare_shards):
+    a = TokenLoader(shakespeare_shards, "train", T, micro_batch=8, seed=5)
+    a.next_batch()
+    b = TokenLoader(shakespeare_shards, "train", T, micro_batch=16, seed=5)
+    b.load_state_dict(a.state_dict())
+    drawn = windows_of(b.next_batch()[0])
+    again = TokenLoader(shakespeare_shards, "train", T, micro_batch=8, seed=5)
+    earlier = windows_of(torch.cat([again.next_batch()[0] for _ in range(3)]))
+    assert len(drawn) == 16 and not drawn & earlier  # not the old generator's draws replayed
+
+
+def test_resume_with_other_data_settings_is_refused(shakespeare_shards):
+    a = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, seed=5, mode="sequential")
+    for key, kwargs in (("seed", {"seed": 6}), ("mode", {"mode": "in_order"}), ("start_token", {"start_token": 64})):
+        b = TokenLoader(shakespeare_shards, "train", T, micro_batch=4, **{"seed": 5, "mode": "sequential", **kwargs})
+        with pytest.raises(GptforgeError, match=f"checkpoint has {key}="):
+            b.load_state_dict(a.state_dict())
 
 
 def test_different_seeds_give_different_random_windows(shakespeare_shards):

@@ -28,6 +28,13 @@ def test_quickstart_writes_report_with_numbers_charts_and_commands(smoke_run):
     assert 0 < ev["loss"] < 7 and ev["bits_per_byte"] > 0 and ev["hellaswag_items"] == 12
     assert summary["sft"]["best_val_loss"] < summary["sft"]["initial_val_loss"]
     assert summary["pretrain"]["final_val_loss"] < 6.2  # ln(512) = 6.24 at initialisation
+    # GPTFORGE_DATA_DIR (set for the tests) takes precedence over the embedded copies: the report says so
+    assert "## Data" in md and "$GPTFORGE_DATA_DIR/pretrain/tinyshakespeare.txt" in md
+    assert "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed" in md  # its sha256
+    files = summary["data_sources"]["files"]
+    assert [f["name"] for f in files] == ["tinyshakespeare", "wikitext2", "tinystories", "instruction-data",
+                                          "hellaswag"]
+    assert {f["origin"] for f in files} == {"GPTFORGE_DATA_DIR"} and not summary["data_sources"]["skipped"]
 
 
 def test_rerun_skips_completed_stages(smoke_run, capsys):
@@ -52,10 +59,11 @@ def test_unknown_override_is_a_clear_error(tmp_path, capsys):
     assert "unknown key quickstart.pretrain_stepz" in capsys.readouterr().err
 
 
-def test_offline_without_data_names_the_missing_file(tmp_path, capsys, monkeypatch):
+def test_offline_without_a_named_dataset_names_the_missing_file(tmp_path, capsys, monkeypatch):
+    # a corpus the user names is required (the defaults fall back to the embedded copies or are skipped)
     monkeypatch.setenv("GPTFORGE_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("GPTFORGE_OFFLINE", "1")
-    assert main(["quickstart", "--smoke", "--out", str(tmp_path / "run")]) == 2
+    assert main(["quickstart", "--smoke", "--out", str(tmp_path / "run"), "--corpus=[wikitext2]"]) == 2
     err = capsys.readouterr().err
-    assert "tinyshakespeare.txt" in err and str(tmp_path / "empty") in err
+    assert "wikitext2-raw-test.txt" in err and str(tmp_path / "empty") in err

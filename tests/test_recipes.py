@@ -57,16 +57,35 @@ def test_gpt2_163m_baseline_and_interventions_match_seed_004(capsys, monkeypatch
         resume = fallback = False
         overrides = ()
 
-    for override, check in [("clip-3.5", lambda c: c.train.grad_clip == 3.5),
-                            ("dropout-0", lambda c: c.model.dropout == 0.0),
-                            ("qkv-bias", lambda c: c.model.qkv_bias is True)]:
+    checks = {
+        "clip-3.5": lambda c: c.train.grad_clip == 3.5,
+        "dropout-0": lambda c: c.model.dropout == 0.0,
+        "qkv-bias": lambda c: c.model.qkv_bias is True,
+        "lr-schedule": lambda c: c.optim.lr == 1.4e-3 and c.optim.schedule == "cosine" and c.optim.warmup_ratio == 0.05,
+        "weight-decay-0.01": lambda c: c.optim.weight_decay == 0.01 and c.optim.decay == "all",
+        "weight-tying": lambda c: c.model.tie_embeddings is True,
+        "fp32": lambda c: c.train.precision == "fp32",
+        "seed-43": lambda c: c.train.seed == 43,
+        "stacked": lambda c: (c.train.grad_clip, c.model.dropout, c.optim.weight_decay, c.optim.lr)
+                             == (3.5, 0.0, 0.01, 1.4e-3),
+    }
+    assert sorted(checks) == sorted(p.stem for p in (RECIPES / "interventions").glob("*.yaml"))
+    base_cfg = None
+    for override, check in checks.items():
         args = Args()
         args.config = [str(base), str(RECIPES / "interventions" / f"{override}.yaml")]
         cfg = build_config(args)
-        assert check(cfg) and cfg.train.seed == 42  # the intervention changes one thing, keeps the rest
-        assert cfg.name != "gpt2-163m-fineweb-baseline" and cfg.train.tokens_per_param == 20
+        assert check(cfg), override
+        assert cfg.name != "gpt2-163m-fineweb-baseline" and cfg.train.max_tokens == 3_260_252_160  # same budget
+        if base_cfg is None:
+            args.config = [str(base)]
+            base_cfg = build_config(args)
+        assert (base_cfg.train.precision, base_cfg.optim.decay, base_cfg.model.init, base_cfg.data.sampling,
+                base_cfg.checkpoint.best_by, base_cfg.data.val_tokens) == (
+            "fp16", "all", "torch_default", "in_order", "train_loss_mean", 0)  # the author's setup
     out = dry_run(capsys, monkeypatch, base, RECIPES / "interventions" / "qkv-bias.yaml", world=8)
     assert "163,037,184 parameters" in out  # + 12 × 3 × 768 QKV biases
+    assert "33,165 steps, 3,260,252,160 tokens" in out  # the baseline's tokens, not a new 20 tokens/parameter
 
 
 def test_batch_that_does_not_divide_fails_with_a_fix(capsys, monkeypatch):

@@ -257,3 +257,52 @@ def test_resuming_a_finished_pretraining_run_does_nothing_and_says_so(shakespear
     again = run_pretrain(cfg, log=lines.append)
     assert again.steps == first.steps == 2 and math.isfinite(again.final_loss)
     assert any("already finished (step 2 of 2)" in line for line in lines)
+
+
+def test_sft_and_classify_send_their_metrics_to_trackers(tiny_base, tmp_path, data_dir):
+    """The shared run directory feeds trackers in every stage (seed 002 logged its fine-tuning to MLflow)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptforge.train.classify import ClassifyConfig, run_classify
+    from gptforge.train.sft import run_sft
+
+    config = _sft_config(tiny_base, tmp_path, data_dir, max_steps=3)
+    config.log.trackers = ["tensorboard"]
+    sft = run_sft(config, progress=False)
+    classify = run_classify(load_config(ClassifyConfig, None, {
+        "base": str(tiny_base), "out_dir": str(tmp_path), "name": "spam-tracked",
+        "data": {"path": str(data_dir / "classify" / "SMSSpamCollection"), "limit": 80, "max_len": 32},
+        "train": {"max_steps": 3, "batch_size": 16, "device": "cpu", "precision": "fp32"},
+        "log": {"progress": False, "trackers": ["tensorboard"]}}), progress=False)
+    for run in (sft.run_dir, classify.run_dir):
+        ea = EventAccumulator(str(run / "tensorboard"))
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]
+
+
+def test_optimizer_step_tells_clipped_overflowed_and_non_finite_steps_apart():
+    """Seed 004's exploding-gradient diagnostics: a clipped step, a norm that overflows although every gradient
+    is finite, and a step with a non-finite gradient; counted per checkpoint period by the guard."""
+    from gptforge.train.nonfinite import NonFiniteGuard
+
+    rt = core.Runtime(core.D.DistInfo(), resolve_precision("fp32", torch.device("cpu")), print)
+    w = torch.nn.Parameter(torch.ones(10))
+    model = torch.nn.Module()
+    model.w = w
+    optimizer = torch.optim.SGD([w], lr=0.0)
+
+    def step(scale: float, clip=1.0):
+        return core.optimizer_step(model, optimizer, [scale], 0.0, loss_fn=lambda m, s: (m.w * s).sum(),
+                                   count_fn=lambda b: 1, rt=rt, grad_clip=clip)
+
+    ok, clipped, overflow, broken = step(0.01), step(5.0), step(1e20), step(float("inf"))
+    assert [s.fields()["clipped"] for s in (ok, clipped, overflow, broken)] == [False, True, False, False]
+    assert overflow.norm_overflow and overflow.skipped and not overflow.fields()["nonfinite"]
+    assert broken.fields()["nonfinite"] and not broken.norm_overflow and broken.skipped
+    guard = NonFiniteGuard(0, lambda line: None)
+    for i, s in enumerate((ok, clipped, overflow, broken), 1):
+        guard.update(i, s)
+    assert guard.period() == {"period_clipped": 1, "period_norm_overflow": 1, "period_nonfinite": 1}
+    assert guard.period() == {"period_clipped": 0, "period_norm_overflow": 0, "period_nonfinite": 0}
+    train = core.TrainCommon(nonfinite="raise")
+    assert NonFiniteGuard.for_train(train, print).limit == 1

@@ -15,7 +15,7 @@ from gptforge.errors import GptforgeError
 # Order is the order of the user's journey; --help lists them this way.
 COMMAND_MODULES = [
     "quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify",
-    "generate", "chat", "serve", "eval", "export", "import_",
+    "generate", "chat", "serve", "eval", "compare", "export", "import_",
 ]
 
 EPILOG = """examples:

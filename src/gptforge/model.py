@@ -162,9 +162,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+INITS = ("gpt2", "torch_default")
+
+
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """``init``: ``gpt2`` (N(0, 0.02), scaled residual projections; see :meth:`reset_parameters`) or
+    ``torch_default`` (PyTorch's own layer defaults: Kaiming-uniform linears, N(0, 1) embeddings — what a model
+    built from plain ``nn`` layers gets, as in seed 004's baseline). Not part of the architecture: not saved."""
+
+    def __init__(self, config: GPTConfig, init: str = "gpt2"):
         super().__init__()
+        if init not in INITS:
+            raise GptforgeError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -178,7 +187,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.reset_parameters()
+        if init == "gpt2":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2·n_layer), zero biases.

@@ -3,13 +3,25 @@
 Stages: train a byte-level BPE on the default corpus → prepare shards → pretrain a small model → SFT it on the
 default instruction set with the chat template → evaluate (held-out loss/bpb, HellaSwag, SFT test responses)
 → samples → ``report.md`` + self-contained ``report.html``. Each finished stage leaves a marker recording its
-parameters and outputs; a rerun skips stages whose marker matches and whose outputs still exist.
+parameters, the sha256 of its data and its outputs; a rerun skips stages whose marker matches and whose outputs
+still exist.
+
+Data (``resolve_data``, the one place the quickstart finds its files, through ``registry.locate``): a dataset
+name resolves to ``$GPTFORGE_DATA_DIR``, then the download cache, then the copy embedded in the package
+(``gptforge/embedded``: tinyshakespeare, the 1.1k instruction set, the first 1,000 HellaSwag items), then a
+download. The default corpus's share-alike datasets (WikiText-2, TinyStories) are not embedded: without a local
+copy they are skipped, so ``gptforge quickstart`` with nothing but the package runs offline on
+tinyshakespeare. Datasets the user names explicitly (``--corpus=[...]``, a file, or a hub id such as
+``--hellaswag=Rowan/hellaswag``) are required and may be downloaded. The report lists every file used, where it
+came from and its sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,12 +32,13 @@ from gptforge.errors import GptforgeError
 from gptforge.io import write_json
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "eval", "samples")
+DEFAULT_CORPUS = ("tinyshakespeare", "wikitext2", "tinystories")
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "runs/quickstart"
-    corpus: list[str] = field(default_factory=lambda: ["tinyshakespeare", "wikitext2", "tinystories"])
+    corpus: list[str] = field(default_factory=lambda: list(DEFAULT_CORPUS))
     instructions: str = "instruction-data"
     hellaswag: str = "hellaswag"
     vocab_size: int = 4096
@@ -98,8 +111,10 @@ class Stages:
         return result
 
 
-def _params(cfg: QuickstartConfig, *keys: str, upstream: dict | None = None) -> dict:
+def _params(cfg: QuickstartConfig, *keys: str, upstream: dict | None = None, data=None) -> dict:
     d = {k: getattr(cfg, k) for k in keys}
+    if data is not None:  # the sha256 of the files a stage reads: other bytes (another data dir) rerun it
+        d["data"] = data
     if upstream:
         d["upstream"] = hashlib.sha256(json.dumps(upstream, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return d
@@ -107,28 +122,26 @@ def _params(cfg: QuickstartConfig, *keys: str, upstream: dict | None = None) -> 
 
 def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[str], None] = print) -> dict:
     """Run every stage (or skip the valid ones) and write the report; returns a summary dict."""
-    from gptforge.data.registry import resolve
-
+    data = resolve_data(cfg, say)
     out = Path(cfg.out)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = _resolve_corpus(cfg.corpus, say)
-    instructions = str(resolve(cfg.instructions))
-    hellaswag = str(resolve(cfg.hellaswag))
+    corpus = [f.path for f in data.corpus]
+    instructions, hellaswag = data.instructions.path, data.hellaswag.path
     stages = Stages(out, say)
     wall = time.perf_counter()
 
-    p_tok = _params(cfg, "corpus", "vocab_size")
+    p_tok = _params(cfg, "corpus", "vocab_size", data=[f.sha256 for f in data.corpus])
     tok_result = stages.run("tokenizer", p_tok, ["tokenizer"], lambda: _stage_tokenizer(cfg, corpus, out))
     p_data = _params(cfg, "corpus", "val_fraction", upstream=p_tok)
     data_result = stages.run("data", p_data, ["data"], lambda: _stage_data(cfg, corpus, out))
     p_pre = _params(cfg, "preset", "seq_len", "pretrain_steps", "micro_batch", "lr", "seed", upstream=p_data)
     pre_result = stages.run("pretrain", p_pre, ["pretrain"], lambda: _stage_pretrain(cfg, out))
     p_sft = _params(cfg, "instructions", "sft_epochs", "sft_lr", "sft_batch_size", "sft_max_len", "test_responses",
-                    "seed", upstream=p_pre)
+                    "seed", upstream=p_pre, data=data.instructions.sha256 or data.instructions.path)
     sft_result = stages.run("sft", p_sft, ["sft"], lambda: _stage_sft(cfg, instructions, out))
-    p_eval = _params(cfg, "hellaswag_items", upstream=p_sft)
+    p_eval = _params(cfg, "hellaswag_items", upstream=p_sft, data=data.hellaswag.sha256 or data.hellaswag.path)
     eval_result = stages.run("eval", p_eval, ["eval"], lambda: _stage_eval(cfg, hellaswag, out))
     samples = stages.run("samples", _params(cfg, "seed", upstream=p_sft), ["samples.json"],
                          lambda: _stage_samples(cfg, out))
@@ -137,31 +150,139 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
                for name in STAGES}
     summary = {"tokenizer": tok_result, "data": data_result, "pretrain": pre_result, "sft": sft_result,
                "eval": eval_result, "samples": samples, "timings": timings, "skipped": stages.skipped,
-               "wall_seconds": time.perf_counter() - wall, "config": asdict(cfg)}
+               "wall_seconds": time.perf_counter() - wall, "config": asdict(cfg), "data_sources": data.to_dict()}
     write_json(out / "summary.json", summary, default=str)
-    _write_report(cfg, out, summary)
-    say(_closing_paragraph(out, summary))
+    _write_report(cfg, out, summary, data)
+    say(_closing_paragraph(out, summary, data))
     return summary
 
 
-def _resolve_corpus(names: list[str], say: Callable[[str], None]) -> list[str]:
-    """Local paths of the corpus datasets; a hub-only corpus without a local copy is skipped when online
-    (streaming all of TinyStories would not fit the quickstart's budget), an error offline."""
+# ---- data --------------------------------------------------------------------------------------------------
+
+ORIGINS = {
+    "embedded": "embedded package data",
+    "GPTFORGE_DATA_DIR": "GPTFORGE_DATA_DIR",
+    "cache": "download cache",
+    "download": "downloaded now",
+    "path": "file given",
+    "hub": "Hugging Face hub",
+}
+
+
+@dataclass
+class DataFile:
+    """One file (or hub dataset) the quickstart reads, and where it came from."""
+
+    role: str  # corpus | instructions | hellaswag
+    name: str  # as configured: a registry name, a path or a hub id
+    path: str  # the local file the stages read (the hub id for origin "hub")
+    origin: str  # a key of ORIGINS
+    shown: str  # the file as the report shows it: gptforge/embedded/..., $GPTFORGE_DATA_DIR/..., a path, a hub id
+    sha256: str | None = None  # None for a hub dataset
+    bytes: int | None = None
+    note: str = ""  # e.g. what part of the dataset an embedded copy holds
+
+
+@dataclass
+class QuickstartData:
+    corpus: list[DataFile]
+    instructions: DataFile
+    hellaswag: DataFile
+    skipped: list[dict] = field(default_factory=list)  # default corpora without a local or embedded copy
+
+    def files(self) -> list[DataFile]:
+        return [*self.corpus, self.instructions, self.hellaswag]
+
+    def to_dict(self) -> dict:
+        data_dir = os.environ.get("GPTFORGE_DATA_DIR")
+        return {"files": [asdict(f) for f in self.files()], "skipped": self.skipped,
+                "GPTFORGE_DATA_DIR": data_dir if any(f.origin == "GPTFORGE_DATA_DIR" for f in self.files()) else None}
+
+
+def resolve_data(cfg: QuickstartConfig, say: Callable[[str], None] = print) -> QuickstartData:
+    """The quickstart's data files (see the module doc for the order); says where each one came from."""
+    data = QuickstartData(corpus=_resolve_corpus(cfg.corpus, say, skipped := []),
+                          instructions=_resolve_file("instructions", cfg.instructions),
+                          hellaswag=_resolve_file("hellaswag", cfg.hellaswag, subset_ok=True), skipped=skipped)
+    for f in data.files():
+        digest = f", sha256 {f.sha256[:12]}…" if f.sha256 else ""
+        say(f"[quickstart] {f.role}: {f.name} ← {ORIGINS[f.origin]} ({f.shown}{digest})"
+            + (f"; {f.note}" if f.note else ""))
+    subset = data.hellaswag.note and _embedded_info(data.hellaswag.name).get("subset")
+    if subset and cfg.hellaswag_items > subset["records"]:
+        say(f"[quickstart] hellaswag: the embedded copy holds {subset['records']:,} items, fewer than "
+            f"--hellaswag_items={cfg.hellaswag_items}; set GPTFORGE_DATA_DIR or --hellaswag=Rowan/hellaswag for all")
+    return data
+
+
+def _resolve_corpus(names: list[str], say: Callable[[str], None], skipped: list[dict]) -> list[DataFile]:
+    """The corpus files. A default corpus dataset with neither a local nor an embedded copy (the share-alike
+    ones) is skipped, never downloaded; datasets the user names are required, except that a hub-only corpus
+    without a local copy is skipped when online (streaming all of TinyStories would not fit the budget)."""
     from gptforge.data import registry
 
-    paths = []
+    default = list(names) == list(DEFAULT_CORPUS)
+    files = []
     for name in names:
-        try:
-            paths.append(str(registry.resolve(name)))
-        except GptforgeError:
-            entry = registry.DATASETS.get(registry.ALIASES.get(name, name))
-            if entry is None or not entry.streamable or registry.is_offline():
-                raise
-            say(f"[quickstart] {name}: no local copy under $GPTFORGE_DATA_DIR/{entry.relpath}; skipped "
-                "(streaming the whole hub dataset would not fit the quickstart)")
-    if not paths:
+        entry = registry.DATASETS.get(registry.ALIASES.get(name, name))
+        if entry is not None and not Path(name).exists() and registry.find_local(entry) is None \
+                and entry.name not in registry.embedded_manifest():
+            if default:
+                reason = (f"no copy in GPTFORGE_DATA_DIR or the download cache; license {entry.license}, not "
+                          "shipped with gptforge")
+                skipped.append({"name": name, "reason": reason})
+                say(f"[quickstart] corpus: {name} skipped: {reason}; set GPTFORGE_DATA_DIR to a folder with "
+                    f"{entry.relpath}, or name it in --corpus=[...] to download it")
+                continue
+            if entry.streamable and not registry.is_offline():
+                reason = f"no local copy under $GPTFORGE_DATA_DIR/{entry.relpath}"
+                skipped.append({"name": name, "reason": reason})
+                say(f"[quickstart] {name}: {reason}; skipped (streaming the whole hub dataset would not fit the "
+                    "quickstart)")
+                continue
+        files.append(_data_file("corpus", name, registry.locate(name)))
+    if not files:
         raise GptforgeError("no corpus for the quickstart: set GPTFORGE_DATA_DIR or pass --corpus=[FILE, ...]")
-    return paths
+    return files
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _resolve_file(role: str, name: str, subset_ok: bool = False) -> DataFile:
+    """Instructions or HellaSwag: a file, a registry name, or a hub id (OWNER/NAME) the loader fetches."""
+    from gptforge.data import registry
+
+    known = registry.ALIASES.get(name, name) in registry.DATASETS
+    if not known and not Path(name).exists() and _HUB_ID.fullmatch(name) \
+            and Path(name).suffix.lower() not in (".json", ".jsonl", ".parquet", ".txt"):
+        return DataFile(role, name, name, "hub", f"hub dataset {name}")
+    return _data_file(role, name, registry.locate(name, subset_ok=subset_ok))
+
+
+def _embedded_info(name: str) -> dict:
+    from gptforge.data import registry
+
+    return registry.embedded_manifest().get(registry.ALIASES.get(name, name)) or {}
+
+
+def _data_file(role: str, name: str, loc) -> DataFile:
+    from gptforge.data import registry
+    from gptforge.io import sha256_file
+
+    path, note = loc.path, ""
+    if loc.origin == "embedded":
+        info = _embedded_info(loc.entry.name)
+        sha, shown = info["sha256"], f"gptforge/embedded/{info['file']}"  # checked by registry.find_embedded
+        if info.get("subset"):
+            note = info["subset"]["how"]
+    else:
+        sha = sha256_file(path) if path.is_file() else None
+        shown = {"GPTFORGE_DATA_DIR": f"$GPTFORGE_DATA_DIR/{loc.entry.relpath}" if loc.entry else str(path),
+                 "cache": str(registry.cache_dir() / loc.entry.relpath) if loc.entry else str(path),
+                 "download": str(path)}.get(loc.origin, str(path))
+    return DataFile(role, name, str(path), loc.origin, shown, sha,
+                    path.stat().st_size if path.is_file() else None, note)
 
 
 # ---- stages ------------------------------------------------------------------------------------------------
@@ -282,12 +403,17 @@ def _stage_samples(cfg: QuickstartConfig, out: Path) -> dict:
 # ---- report ------------------------------------------------------------------------------------------------
 
 
-def _write_report(cfg: QuickstartConfig, out: Path, s: dict) -> None:
+def _write_report(cfg: QuickstartConfig, out: Path, s: dict, data: QuickstartData) -> None:
     from gptforge.report import Report
 
     r = Report("gptforge quickstart report")
     r.paragraph(f"Output directory: `{out}`. Wall time of this invocation: {s['wall_seconds']:.0f} s"
                 + (f" (skipped, already complete: {', '.join(s['skipped'])})" if s["skipped"] else "") + ".")
+    r.heading("Data")
+    r.paragraph(f"Data from {_data_origins(data)}." + _data_notes(data))
+    r.table(["role", "dataset", "file", "from", "sha256"],
+            [[f.role, f.name + (f": {f.note}" if f.note else ""), f.shown, ORIGINS[f.origin], f.sha256 or "n/a"]
+             for f in data.files()])
     r.heading("Stages")
     r.table(["stage", "seconds", "result"], [
         ["tokenizer", s["timings"].get("tokenizer"), f"byte-level BPE, vocab {s['tokenizer'].get('vocab_size')}"],
@@ -331,12 +457,31 @@ def _write_report(cfg: QuickstartConfig, out: Path, s: dict) -> None:
                 [[x.get("instruction", "")[:120], x.get("reference", "")[:120], x.get("response", "")[:160]]
                  for x in records[:5]])
     r.heading("Reproduce or continue")
-    r.code("\n".join(_commands(cfg, out)), "bash")
+    r.code("\n".join(_commands(cfg, out, data)), "bash")
     r.write(out / "report.md", out / "report.html")
 
 
-def _commands(cfg: QuickstartConfig, out: Path) -> list[str]:
-    corpus = " ".join(cfg.corpus)
+def _data_origins(data: QuickstartData) -> str:
+    origins = list(dict.fromkeys(f.origin for f in data.files()))
+    return " and ".join(ORIGINS[o] + (f" ({os.environ.get('GPTFORGE_DATA_DIR')})" if o == "GPTFORGE_DATA_DIR" else "")
+                        for o in origins)
+
+
+def _data_notes(data: QuickstartData) -> str:
+    notes = []
+    if any(f.origin == "embedded" for f in data.files()):
+        notes.append("Embedded files ship inside the gptforge package (`gptforge/embedded/`); their sources, "
+                     "licenses and attribution are in `gptforge/embedded/NOTICE`, and their sha256 were checked "
+                     "against `gptforge/embedded/manifest.json` before use.")
+    if data.skipped:
+        notes.append("Skipped from the default corpus: " + "; ".join(f"{x['name']} ({x['reason']})"
+                                                                    for x in data.skipped)
+                     + ". Set GPTFORGE_DATA_DIR to a data directory that holds them to train on them too.")
+    return "".join(" " + n for n in notes)
+
+
+def _commands(cfg: QuickstartConfig, out: Path, data: QuickstartData) -> list[str]:
+    corpus = " ".join(f.name for f in data.corpus)
     return [
         f"gptforge tokenizer train {corpus} --vocab-size {cfg.vocab_size} --out {out}/tokenizer",
         f"gptforge data prepare {corpus} --tokenizer {out}/tokenizer --separator blank "
@@ -344,9 +489,10 @@ def _commands(cfg: QuickstartConfig, out: Path) -> list[str]:
         f"gptforge pretrain --model.preset={cfg.preset} --model.block_size={cfg.seq_len} --data.path={out}/data "
         f"--train.max_steps={cfg.pretrain_steps} --train.micro_batch={cfg.micro_batch} --optim.lr={cfg.lr} "
         f"--name=pretrain --out_dir={out}",
-        f"gptforge sft --checkpoint {out}/pretrain --data {cfg.instructions} --out-dir {out} --name sft",
+        f"gptforge sft --checkpoint {out}/pretrain --data {data.instructions.path} --out-dir {out} --name sft",
         f"gptforge eval loss --checkpoints {out}/pretrain {out}/sft --data {out}/data",
-        f"gptforge eval choice --checkpoint {out}/sft --task hellaswag --limit {cfg.hellaswag_items}",
+        (f"gptforge eval choice --checkpoint {out}/sft --task hellaswag --data {data.hellaswag.path} "
+         f"--limit {cfg.hellaswag_items}"),
         f"gptforge chat --checkpoint {out}/sft",
         f"gptforge serve --checkpoint {out}/sft --port 8000",
         f"gptforge export --checkpoint {out}/sft --out {out}/hf",
@@ -367,9 +513,10 @@ def _pct(x) -> str:
     return f"{100 * x:.0f}%" if isinstance(x, (int, float)) else "n/a"
 
 
-def _closing_paragraph(out: Path, s: dict) -> str:
+def _closing_paragraph(out: Path, s: dict, data: QuickstartData) -> str:
     ev = s["eval"]
-    return (f"\nquickstart finished in {s['wall_seconds']:.0f}s. Base model val loss {_f(ev['pretrain']['loss'])} "
+    return (f"\nquickstart finished in {s['wall_seconds']:.0f}s on {', '.join(f.name for f in data.files())} "
+            f"({_data_origins(data)}). Base model val loss {_f(ev['pretrain']['loss'])} "
             f"({_f(ev['pretrain']['bits_per_byte'])} bits/byte), HellaSwag acc_norm "
             f"{_f(ev['pretrain']['hellaswag_acc_norm'])}; SFT model stops at end-of-turn on "
             f"{_pct(s['sft'].get('stop_rate'))} of test prompts.\nReport: {out / 'report.md'} and {out / 'report.html'}. "

@@ -54,6 +54,32 @@ def register(sub) -> None:
         "--buffer-mb", type=positive_float, default=256.0, help="text in flight, bounds memory (default 256)"
     )
     prep.add_argument("--split-salt", default="gptforge", help="changes which documents go to val")
+    prep.add_argument(
+        "--sample-docs",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="keep N documents: the same set as HF datasets' Dataset.shuffle(seed=S).select(range(N)) on these "
+        "rows (a counting pass first), written in the file's order, not shuffled (pretrain shuffles anyway)",
+    )
+    prep.add_argument(
+        "--sample-seed", type=nonneg_int, default=0, metavar="S", help="seed of --sample-docs (default 0)"
+    )
+    prep.add_argument(
+        "--val-split",
+        default=None,
+        metavar="NAME",
+        help="hub inputs: the val shards are the dataset's own split NAME (e.g. validation) instead of a hash "
+        "split; --val-fraction is ignored and every training-split document goes to train",
+    )
+    prep.add_argument(
+        "--val-source",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="local files whose documents all go to val (the --val-split of local data); --val-fraction is "
+        "ignored and every input document goes to train",
+    )
     prep.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     _add_source_options(prep)
@@ -100,6 +126,10 @@ def run_prepare(args) -> int:
         buffer_mb=args.buffer_mb,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        sample_docs=args.sample_docs,
+        sample_seed=args.sample_seed,
+        val_split=args.val_split,
+        val_sources=args.val_source,
     )
     prepare(cfg)
     return 0

@@ -74,9 +74,12 @@ def run_loss(args) -> int:
     print(table)
     best = results[report["best"]]
     r0 = results[0]
+    se = best.get("loss_se")
     print(f"evaluated {len(results)} checkpoint(s) on {r0['tokens']:,} tokens [{r0['start']:,}, {r0['stop']:,}) "
-          f"of {r0['data']} in windows of {r0['seq_len']}; best: {best['name']} (loss {best['loss']:.4f}, "
-          f"ppl {best['perplexity']:.2f}" + (f", bpb {best['bits_per_byte']:.4f})" if "bits_per_byte" in best else ")"))
+          f"of {r0['data']} in {r0['windows']:,} windows of {r0['seq_len']}; best: {best['name']} "
+          f"(loss {best['loss']:.4f}" + (f" ± {1.96 * se:.4f} (1.96·SE over windows)" if se is not None else "")
+          + f", ppl {best['perplexity']:.2f}"
+          + (f", bpb {best['bits_per_byte']:.4f})" if "bits_per_byte" in best else ")"))
     out = Path(args.out) if args.out else _common_run_dir(checkpoints)
     if out is not None:
         out = out / "eval" if not args.out else out

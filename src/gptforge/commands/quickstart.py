@@ -5,12 +5,19 @@ from gptforge.commands import add_parser
 
 def register(sub) -> None:
     p = add_parser(sub, "quickstart", "run the whole journey on the default data (about 10 minutes on 2 CPU cores)",
-                   "GPTFORGE_DATA_DIR=/path/to/data gptforge quickstart", accepts_overrides=True)
+                   "gptforge quickstart", accepts_overrides=True)
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--fresh", action="store_true", help="delete earlier outputs and start over")
     p.add_argument("--smoke", action="store_true", help="a seconds-long variant with tiny sizes (for tests)")
     p.epilog += ("\n\nany field of the quickstart config can be overridden, e.g. --pretrain_steps=1500 "
-                 "--preset=small --hellaswag_items=1000")
+                 "--preset=small --hellaswag_items=1000"
+                 "\n\ndata: each default dataset comes from $GPTFORGE_DATA_DIR when it holds it, else the download "
+                 "cache,\nelse the copy shipped inside gptforge (tinyshakespeare, the 1.1k instruction set, the first "
+                 "1,000\nHellaSwag items; no network needed). WikiText-2 and TinyStories are not shipped (share-alike "
+                 "licenses):\nwithout a local copy they are skipped. Datasets you name are required and may be "
+                 "downloaded:\n--corpus=[tinyshakespeare,wikitext2] --instructions=FILE|OWNER/NAME "
+                 "--hellaswag=FILE|Rowan/hellaswag.\nThe report lists every file used, where it came from and its "
+                 "sha256.")
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,10 @@ Pipeline: the main process streams pieces from the sources (``data/sources.py``)
 bounded size and hands them to N worker processes; results come back in submission order, so the shards do
 not depend on N. Every document is preceded by the end-of-text token (so documents are joined with it) and
 goes to ``train`` or ``val`` by a stable hash of its first 1,024 characters: the same document lands in the
-same split on every run, with any number of workers.
+same split on every run, with any number of workers. With ``--val-split``/``--val-source`` the hash split is
+off instead: those inputs are read first and all go to ``val``, the others all to ``train`` (a batch never mixes
+the two, so the split is a per-batch flag). ``--sample-docs`` keeps the documents HF ``datasets``' shuffle+select
+would keep (``data/sampling.py``), in source order.
 
 Memory is bounded by ``buffer_mb`` (text and tokens in flight) plus one shard per split being filled.
 After every completed shard a checkpoint (``.prepare_state.json`` + the unfinished shard tails) is written
@@ -22,11 +25,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from gptforge.charts import save_figure
 from gptforge.data import shards as shardfmt
+from gptforge.data.prepare_report import plot_histogram, summary
 from gptforge.data.prepare_state import (
     HISTOGRAM_PNG,
     STATE,
@@ -34,8 +38,9 @@ from gptforge.data.prepare_state import (
     fingerprint_of,
     temp_files,
 )
+from gptforge.data.sampling import Sample
 from gptforge.data.shards import ShardWriter
-from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources, separator_rule
+from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources, separator_rule, val_sources
 from gptforge.data.workers import (  # noqa: F401  (is_validation: the split rule, part of this module's API)
     SPLIT_HASH_CHARS,
     _init_local_encoder,
@@ -73,6 +78,10 @@ class PrepareConfig:
     overwrite: bool = False
     progress: bool = True
     histogram: bool = True
+    sample_docs: int | None = None  # keep the rows HF's Dataset.shuffle(seed=sample_seed).select(range(N)) keeps
+    sample_seed: int = 0
+    val_split: str | None = None  # hub inputs: this split of the same dataset is the val shards
+    val_sources: list[str] | None = None  # files whose documents all go to val
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -150,6 +159,14 @@ def _validate(cfg: PrepareConfig) -> None:
     if not (isinstance(cfg.buffer_mb, numbers.Real) and math.isfinite(cfg.buffer_mb) and cfg.buffer_mb > 0):
         raise GptforgeError(f"--buffer-mb must be a finite number > 0 (MB of text in flight, default 256), "
                             f"got {cfg.buffer_mb!r}")
+    if cfg.sample_docs is not None and not (_whole(cfg.sample_docs) and cfg.sample_docs >= 1):
+        raise GptforgeError(f"--sample-docs must be an integer >= 1, got {cfg.sample_docs!r}")
+    if not (_whole(cfg.sample_seed) and cfg.sample_seed >= 0):
+        raise GptforgeError(f"--sample-seed must be an integer >= 0, got {cfg.sample_seed!r}")
+    if cfg.val_split is not None and cfg.val_sources:
+        raise GptforgeError("--val-split and --val-source both choose the validation documents: pass one of them")
+    if cfg.val_split is not None and not cfg.val_split.strip():
+        raise GptforgeError("--val-split needs a split name, e.g. validation")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise GptforgeError(f"--out {out} is an existing file, not a directory: pass a new directory or "
@@ -163,6 +180,9 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
     _validate(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
     sources = expand_sources(cfg.sources, cfg.separator, cfg.field, cfg.column, cfg.hub_config, cfg.hub_split)
+    # Val inputs first: a --max-tokens budget never cuts them off.
+    sources = val_sources(sources, cfg.val_split, cfg.val_sources, separator=cfg.separator, field=cfg.field,
+                          column=cfg.column, hub_config=cfg.hub_config, hub_split=cfg.hub_split) + sources
     if cfg.progress and cfg.separator in (None, "auto"):  # say which rule split each text file, before tokenizing
         for src in sources:
             if src.kind == "txt":
@@ -184,12 +204,30 @@ def prepare(cfg: PrepareConfig, tokenizer=None) -> dict:
                 "val tokens); pass --overwrite to redo it"
             )
         return previous
-    return _Run(cfg, tokenizer, sources, out, fingerprint, previous).run()
+    if cfg.progress and any(s.all_val for s in sources):
+        print("validation: every document of the --val-split/--val-source inputs; the hash split "
+              "(--val-fraction) is off, every other document goes to train")
+    sample = None
+    if cfg.sample_docs is not None:
+        sample = Sample(sources, cfg.sample_docs, cfg.sample_seed, cfg.skip_bad, cfg.progress)
+    return _Run(cfg, tokenizer, sources, out, fingerprint, previous, sample).run()
+
+
+class Batch(NamedTuple):
+    """Pieces to tokenize together: ``split`` are :func:`encode_batch`'s split arguments; ``read_bytes``
+    counts the input bytes of pieces left out by --sample-docs too (for progress)."""
+
+    texts: list
+    firsts: np.ndarray
+    nbytes: int
+    split: tuple
+    read_bytes: int
 
 
 class _Run:
-    def __init__(self, cfg, tokenizer, sources, out, fingerprint, previous):
+    def __init__(self, cfg, tokenizer, sources, out, fingerprint, previous, sample=None):
         self.cfg, self.tokenizer, self.sources, self.out = cfg, tokenizer, sources, out
+        self.sample = sample
         self.fingerprint = fingerprint
         self.dtype = shardfmt.token_dtype(tokenizer.vocab_size)
         self.writers = {s: ShardWriter(out, s, self.dtype, cfg.shard_tokens) for s in ("train", "val")}
@@ -200,6 +238,7 @@ class _Run:
         self.source_ends: list[dict] = []
         self.pieces_done = 0
         self.bytes_done = 0
+        self.bytes_read = 0  # bytes_done plus the bytes of documents --sample-docs left out
         self.generation = 0
         self.workers = cfg.workers or os.cpu_count() or 1
         self.inflight = 2 * self.workers
@@ -209,6 +248,8 @@ class _Run:
         self.piece_chars = min(DEFAULT_PIECE_CHARS, self.batch_chars)
         self.budget = cfg.max_tokens
         self.split_args = (cfg.val_fraction, cfg.split_salt)
+        if any(s.all_val for s in sources):  # the split is by input: no hash split
+            self.split_args = (0.0, cfg.split_salt)
         self.start_time = time.time()
         self.elapsed_before = 0.0
         self.current_is_val = False  # the split of the document the last consumed piece belongs to
@@ -231,6 +272,7 @@ class _Run:
             tmp.unlink(missing_ok=True)  # a write the kill interrupted
         self.docs.load(state["docs"])
         self.pieces_done, self.bytes_done = state["pieces_done"], state["bytes_done"]
+        self.bytes_read = state.get("bytes_read", self.bytes_done)
         self.generation = state["generation"]
         self.current_is_val = state["current_is_val"]
         self.source_ends = list(state.get("source_ends", []))
@@ -248,6 +290,7 @@ class _Run:
             "tails": tails,
             "pieces_done": self.pieces_done,
             "bytes_done": self.bytes_done,
+            "bytes_read": self.bytes_read,
             "docs": self.docs.state(),
             "current_is_val": self.current_is_val,
             "source_ends": [e for e in self.source_ends if e["pieces_end"] <= self.pieces_done],
@@ -262,10 +305,11 @@ class _Run:
     # -- reading --
 
     def _batches(self):
-        """(texts, firsts, nbytes) batches of pieces after the ``pieces_done`` already written.
-
-        The main process only reads and cuts; hashing for the split and tokenizing happen in the workers."""
-        texts, firsts, nbytes, chars = [], [], 0, 0
+        """Batches of the pieces after the ``pieces_done`` already written (pieces --sample-docs leaves out
+        are not counted). The main process only reads, samples and cuts; hashing for the split and
+        tokenizing happen in the workers."""
+        texts, firsts, nbytes, chars, left_out = [], [], 0, 0, 0
+        split = self.split_args
         index = 0
         for i, src in enumerate(self.sources):
             if i < len(self.source_ends):  # finished before the checkpoint we resume from: skip unread
@@ -278,18 +322,35 @@ class _Run:
                 if end["empty"]:
                     self.read.empty_files.append(src.path)
                 continue
+            src_split = (0.0, self.cfg.split_salt, True) if src.all_val else self.split_args
+            if texts and src_split != split:  # one split rule per batch
+                yield Batch(texts, np.array(firsts), nbytes, split, nbytes + left_out)
+                texts, firsts, nbytes, chars, left_out = [], [], 0, 0, 0
+            split = src_split
+            sampled = self.sample is not None and not src.all_val
+            kept = True
             before = (self.read.documents, self.read.bad_utf8, self.read.skipped, len(self.read.empty_files))
+            rows_before = self.read.rows
             for piece in src.pieces(self.read, self.piece_chars, self.cfg.skip_bad):
+                if sampled:
+                    if piece.first:
+                        kept = self.sample.keeps(i, self.read.rows - rows_before - 1)
+                    if not kept:
+                        if index >= self.pieces_done:  # after the resume point: not yet counted
+                            left_out += piece.nbytes
+                        continue
                 index += 1
                 if index <= self.pieces_done:
                     continue
                 if texts and chars + len(piece.text) > self.batch_chars:  # a batch never exceeds batch_chars
-                    yield texts, np.array(firsts), nbytes
-                    texts, firsts, nbytes, chars = [], [], 0, 0
+                    yield Batch(texts, np.array(firsts), nbytes, split, nbytes + left_out)
+                    texts, firsts, nbytes, chars, left_out = [], [], 0, 0, 0
                 texts.append(piece.text)
                 firsts.append(piece.first)
                 nbytes += piece.nbytes
                 chars += len(piece.text)
+            if sampled:
+                self.sample.check(i, src, self.read.rows - rows_before)
             self.per_source_docs.append(self.read.documents - before[0])
             self.source_ends.append(
                 {
@@ -300,8 +361,8 @@ class _Run:
                     "empty": len(self.read.empty_files) > before[3],
                 }
             )
-        if texts:
-            yield texts, np.array(firsts), nbytes
+        if texts or left_out:
+            yield Batch(texts, np.array(firsts, dtype=bool), nbytes, split, nbytes + left_out)
 
     # -- main loop --
 
@@ -316,13 +377,13 @@ class _Run:
             return self._finish()
         if self.workers == 1:
             _init_local_encoder(self.tokenizer, payload, self.dtype)
-            with _progress(self.cfg.progress, total_bytes, self.bytes_done) as bar:
+            with _progress(self.cfg.progress, total_bytes, self.bytes_read) as bar:
                 for batch in self._batches():
-                    if self._consume(batch, encode_batch(batch[0], batch[1], *self.split_args), bar):
+                    if self._consume(batch, encode_batch(batch.texts, batch.firsts, *batch.split), bar):
                         break
             return self._finish()
         with _worker_pool(self.workers, payload, self.dtype) as pool:
-            with _progress(self.cfg.progress, total_bytes, self.bytes_done) as bar:
+            with _progress(self.cfg.progress, total_bytes, self.bytes_read) as bar:
                 self._run_pool(pool, bar)
         return self._finish()
 
@@ -337,7 +398,7 @@ class _Run:
                 if batch is None:
                     exhausted = True
                     break
-                pending.append((batch, pool.submit(encode_batch, batch[0], batch[1], *self.split_args)))
+                pending.append((batch, pool.submit(encode_batch, batch.texts, batch.firsts, *batch.split)))
             if not pending:
                 return
             batch, future = pending.popleft()
@@ -353,8 +414,12 @@ class _Run:
 
     def _consume(self, batch, result, bar) -> bool:
         """Route one batch's tokens to the splits; returns True when the token budget is reached."""
-        _texts, firsts, nbytes = batch
+        firsts, nbytes = batch.firsts, batch.nbytes
         tokens, counts, doc_val = result
+        self.bytes_read += batch.read_bytes
+        if not batch.texts:  # only documents --sample-docs left out
+            bar.update(batch.read_bytes)
+            return False
         # Each piece takes the split of its document; pieces before the first start continue the open one.
         doc_index = np.cumsum(firsts)
         vals = np.concatenate([[self.current_is_val], doc_val])[doc_index]
@@ -378,7 +443,7 @@ class _Run:
         self.docs.add(counts, firsts.astype(np.int64), vals)
         self.pieces_done += len(counts)
         self.bytes_done += nbytes
-        bar.update(nbytes)
+        bar.update(batch.read_bytes)
         elapsed = max(1e-9, time.time() - self.start_time)
         bar.set_postfix_str(
             f"{(self.writers['train'].tokens + self.writers['val'].tokens) / elapsed / 1e6:.2f}M tok/s",
@@ -387,6 +452,11 @@ class _Run:
         if wrote and not stop:
             self._checkpoint()
         return stop
+
+    def _kept_docs(self) -> int:
+        """Documents of the sampled inputs that were kept (those of all-val inputs are not sampled)."""
+        val_docs = sum(n for src, n in zip(self.sources, self.per_source_docs) if src.all_val)
+        return self.docs.docs["train"] + self.docs.docs["val"] - val_docs
 
     def _finish(self) -> dict:
         cfg = self.cfg
@@ -398,7 +468,15 @@ class _Run:
         total = self.writers["train"].tokens + self.writers["val"].tokens
         if total == 0:
             raise GptforgeError("the inputs produced no tokens (empty files, or every record skipped)")
-        if cfg.val_fraction > 0 and self.writers["val"].tokens == 0:
+        val_inputs = [s.path for s in self.sources if s.all_val]
+        if val_inputs and 0 in (self.writers["val"].tokens, self.writers["train"].tokens):
+            which = "validation" if self.writers["val"].tokens == 0 else "training"
+            raise GptforgeError(
+                f"no {which} tokens: the validation inputs ({', '.join(val_inputs[:3])}) go to val, every other "
+                "input to train (read after them, within --max-tokens); give both some documents and add "
+                "--overwrite to redo"
+            )
+        if not val_inputs and cfg.val_fraction > 0 and self.writers["val"].tokens == 0:
             n = self.docs.docs["train"] + self.docs.docs["val"]
             raise GptforgeError(
                 f"no document fell into the validation split ({n:,} documents, --val-fraction {cfg.val_fraction}): "
@@ -440,9 +518,15 @@ class _Run:
                 "/ 2^64 < val_fraction",
                 "val_fraction": cfg.val_fraction,
                 "split_salt": cfg.split_salt,
+            } if not val_inputs else {
+                "rule": "per input: every document of the inputs marked all_val (read first) goes to val, every "
+                "other to train (no hash split, val_fraction ignored)",
+                "val_split": cfg.val_split,
+                "val_sources": val_inputs,
             },
             "document_boundary": "<|endoftext|> (eot_id) before every document",
             "max_tokens": cfg.max_tokens,
+            **({"sample": self.sample.describe(self._kept_docs(), self.bytes_read)} if self.sample else {}),
             "bad_utf8_replaced": self.read.bad_utf8,
             "skipped_records": self.read.skipped,
             "doc_length_histogram": {
@@ -477,51 +561,3 @@ def _progress(enabled: bool, total: int | None, initial: int):
         smoothing=0.1,
         dynamic_ncols=True,
     )
-
-
-def summary(manifest: dict, out: Path) -> str:
-    """One paragraph: tokens, documents, shards, throughput, warnings, where things went."""
-    tok, docs = manifest["tokens"], manifest["documents"]
-    total = tok["train"] + tok["val"]
-    secs = max(manifest["elapsed_s"], 1e-9)
-    n_train = sum(1 for s in manifest["shards"] if s["split"] == "train")
-    n_val = len(manifest["shards"]) - n_train
-    text = (
-        f"prepared {total:,} tokens ({tok['train']:,} train / {tok['val']:,} val) from {docs['train'] + docs['val']:,} "
-        f"documents ({docs['val']:,} val) and {manifest['bytes'] / 1e6:.1f} MB of text "
-        f"({manifest['bytes'] / max(total, 1):.2f} bytes/token) with tokenizer {manifest['tokenizer']['name']} "
-        f"(vocab {manifest['tokenizer']['vocab_size']:,}, {manifest['dtype']}) in {secs:.1f}s "
-        f"({manifest['bytes'] / secs / 1e6:.1f} MB/s, {total / secs / 1e6:.2f}M tokens/s); "
-        f"{n_train} train + {n_val} val shards in {out}"
-    )
-    if manifest["bad_utf8_replaced"]:
-        text += f"; {manifest['bad_utf8_replaced']:,} invalid UTF-8 sequences replaced with U+FFFD"
-    if manifest["skipped_records"]:
-        text += f"; {manifest['skipped_records']:,} bad records skipped"
-    if (out / HISTOGRAM_PNG).exists():
-        text += f"; document lengths: {out / HISTOGRAM_PNG}"
-    return text + "."
-
-
-def plot_histogram(manifest: dict, path: Path) -> None:
-    """Document-length histogram (log2 bins) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = np.array(manifest["doc_length_histogram"]["counts"])
-    nz = np.flatnonzero(counts)
-    if nz.size == 0:
-        return
-    lo, hi = int(nz[0]), int(nz[-1])
-    labels = [f"<{2**b:,}" if b > 0 else "0" for b in range(lo, hi + 1)]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(labels)), counts[lo : hi + 1], color="#4c72b0")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("document length (tokens, log2 bins)")
-    ax.set_ylabel("documents")
-    docs = manifest["documents"]
-    ax.set_title(f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens")
-    fig.tight_layout()
-    save_figure(fig, path)

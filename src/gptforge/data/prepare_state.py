@@ -29,8 +29,10 @@ def _source_id(src) -> dict:
 
 
 def fingerprint_of(cfg, tokenizer, sources) -> dict:
-    """Options, tokenizer and inputs of a prepare run (``cfg`` is its PrepareConfig)."""
-    return {
+    """Options, tokenizer and inputs of a prepare run (``cfg`` is its PrepareConfig). The val inputs of
+    --val-split/--val-source are among ``sources`` (marked ``all_val``); options left at their defaults add
+    no key, so directories prepared before those options existed keep their fingerprint."""
+    fingerprint = {
         "tokenizer": {
             "name": tokenizer.name,
             "hash": tokenizer.content_hash(),
@@ -44,6 +46,11 @@ def fingerprint_of(cfg, tokenizer, sources) -> dict:
         "max_tokens": cfg.max_tokens,
         "skip_bad": cfg.skip_bad,
     }
+    if cfg.sample_docs is not None:
+        fingerprint["sample"] = {"docs": cfg.sample_docs, "seed": cfg.sample_seed}
+    if cfg.val_split is not None:
+        fingerprint["val_split"] = cfg.val_split
+    return fingerprint
 
 
 def our_files(out: Path) -> list[Path]:
@@ -131,7 +138,7 @@ def check_existing(out: Path, fingerprint: dict, overwrite: bool) -> tuple[str, 
         )
     fingerprint = _comparable(old, fingerprint)
     if old != fingerprint:
-        changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         since = "it was prepared" if manifest_path.is_file() else "the interrupted run"
         detail = (f": {_sources_change(old.get('sources'), fingerprint['sources'], since)}"
                   if "sources" in changed else "")

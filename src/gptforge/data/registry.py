@@ -1,19 +1,25 @@
 """Named datasets: the corpora, instruction sets and benchmarks the seed recipes use, and where to find them.
 
-``resolve(name_or_path)`` finds a dataset file in this order:
+``resolve(name_or_path)`` (``locate`` when the caller wants to know where it was found) finds a dataset file in
+this order:
 
 1. an explicit path that exists;
 2. ``$GPTFORGE_DATA_DIR/<relpath>`` (a local data directory, e.g. for air-gapped machines and CI);
 3. ``~/.cache/gptforge/<relpath>`` (or ``$GPTFORGE_CACHE_DIR``), filled by an earlier download;
-4. a download into that cache when online (a file URL, or a small hub dataset written as JSONL);
-5. otherwise a ``GptforgeError`` naming the file and where to place it.
+4. the copy embedded in the package (``gptforge/embedded/``, listed in its ``manifest.json`` with sha256,
+   sources and licenses in its ``NOTICE``): the quickstart's public-domain / permissive defaults. A copy that
+   is only part of the dataset (HellaSwag: its first 1,000 items) is used only when the caller accepts a
+   subset (``subset_ok=True``); its sha256 is checked before use, a mismatch is an error;
+5. a download into that cache when online (a file URL, or a small hub dataset written as JSONL);
+6. otherwise a ``GptforgeError`` naming the file and where to place it.
 
-``GPTFORGE_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``) disables step 4. Large hub corpora
+``GPTFORGE_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``) disables step 5. Large hub corpora
 (FineWeb) are not files: ``gptforge data prepare fineweb-edu`` streams them from the hub instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import urllib.request
@@ -226,30 +232,111 @@ def cache_dir() -> Path:
 
 def find_local(entry: Dataset) -> Path | None:
     """The dataset's file in ``$GPTFORGE_DATA_DIR`` or the download cache, if present."""
+    found = _find_local(entry)
+    return found[0] if found else None
+
+
+def _find_local(entry: Dataset) -> tuple[Path, str] | None:
     data_dir = os.environ.get("GPTFORGE_DATA_DIR")
-    for root in ([Path(data_dir)] if data_dir else []) + [cache_dir()]:
+    roots = ([(Path(data_dir), "GPTFORGE_DATA_DIR")] if data_dir else []) + [(cache_dir(), "cache")]
+    for root, origin in roots:
         path = root / entry.relpath
         if path.exists():
-            return path
+            return path, origin
     return None
 
 
-def resolve(name_or_path: str | Path, download: bool = True) -> Path:
+# ---- embedded package data ---------------------------------------------------------------------------------
+
+# gptforge/embedded, beside this package (tests point it at a copy)
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
+EMBEDDED_MANIFEST = "manifest.json"
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
+
+
+def embedded_manifest() -> dict:
+    """``{name: {file, sha256, bytes, license, license_file, source, subset}}`` of the embedded datasets."""
+    path = EMBEDDED_DIR / EMBEDDED_MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["datasets"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GptforgeError(
+            f"{path}: unreadable embedded-data manifest ({type(e).__name__}: {e}); reinstall gptforge"
+        ) from None
+
+
+def find_embedded(entry: Dataset, subset_ok: bool = False) -> Path | None:
+    """The package's embedded copy of ``entry`` after checking its sha256 (None when there is none, or when it
+    is a subset and ``subset_ok`` is false); a copy whose bytes differ from the manifest is an error."""
+    info = embedded_manifest().get(entry.name)
+    if info is None or (info.get("subset") and not subset_ok):
+        return None
+    path = EMBEDDED_DIR / info["file"]
+    if not path.is_file():
+        raise GptforgeError(
+            f"embedded data file {path} is missing (listed in {EMBEDDED_DIR / EMBEDDED_MANIFEST}); "
+            "reinstall gptforge, or set GPTFORGE_DATA_DIR to a data directory"
+        )
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if _verified.get(key) != info["sha256"]:
+        got = sha256_file(path)
+        if got != info["sha256"]:
+            raise GptforgeError(
+                f"embedded data file {path} is damaged: sha256 {got}, expected {info['sha256']} "
+                f"(from {EMBEDDED_DIR / EMBEDDED_MANIFEST}); reinstall gptforge, or set GPTFORGE_DATA_DIR "
+                "to a data directory"
+            )
+        _verified[key] = got
+    return path
+
+
+# ---- resolution --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where ``locate`` found a dataset: ``origin`` is ``path`` (given explicitly), ``GPTFORGE_DATA_DIR``,
+    ``cache`` (an earlier download), ``embedded`` (package data) or ``download`` (fetched just now)."""
+
+    path: Path
+    origin: str
+    entry: Dataset | None = None
+
+    @property
+    def subset(self) -> dict | None:
+        """For an embedded partial copy: how it was made (``how``, ``records``, ``of_records``, ...)."""
+        if self.origin != "embedded" or self.entry is None:
+            return None
+        return (embedded_manifest().get(self.entry.name) or {}).get("subset")
+
+
+def resolve(name_or_path: str | Path, download: bool = True, subset_ok: bool = False) -> Path:
     """A local path for a dataset name or an explicit path (see the module doc for the search order)."""
+    return locate(name_or_path, download=download, subset_ok=subset_ok).path
+
+
+def locate(name_or_path: str | Path, download: bool = True, subset_ok: bool = False) -> Located:
+    """Like ``resolve``, and says where the file was found (see the module doc for the search order)."""
     path = Path(name_or_path)
     if path.exists():
-        return path
+        return Located(path, "path")
     key = ALIASES.get(str(name_or_path), str(name_or_path))
     if key not in DATASETS:
         if os.sep in str(name_or_path) or path.suffix:
             raise GptforgeError(f"file not found: {name_or_path}")
         get(key)  # raises the unknown-name error
     entry = DATASETS[key]
-    local = find_local(entry)
+    local = _find_local(entry)
     if local is not None:
-        return local
+        return Located(local[0], local[1], entry)
+    embedded = find_embedded(entry, subset_ok=subset_ok)
+    if embedded is not None:
+        return Located(embedded, "embedded", entry)
     if download and not is_offline() and not entry.streamable and (entry.url or entry.hub):
-        return _download(entry)
+        return Located(_download(entry), "download", entry)
     return _missing(entry)
 
 
@@ -357,6 +444,7 @@ def table() -> list[dict]:
                 "relpath": entry.relpath,
                 "sha256": entry.sha256,
                 "license": entry.license,
+                "embedded": (embedded_manifest().get(entry.name) or {}).get("file"),
             }
         )
     return rows

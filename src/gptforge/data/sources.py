@@ -18,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
@@ -50,6 +50,9 @@ class ReadStats:
     """Counters the readers fill while streaming (documents, bad UTF-8 sequences, skipped records)."""
 
     documents: int = 0
+    # Rows as Hugging Face ``datasets`` counts them (the index ``--sample-docs`` samples): every non-blank .jsonl
+    # line, .json element, .parquet row and hub record, empty or malformed ones included; a .txt document.
+    rows: int = 0
     bad_utf8: int = 0
     skipped: int = 0
     empty_files: list[str] = field(default_factory=list)
@@ -136,6 +139,7 @@ class Source:
     field: str = "text"  # jsonl/json/parquet/hub: the text field or column
     hub_config: str | None = None
     hub_split: str = "train"
+    all_val: bool = False  # every document goes to the val shards (--val-split / --val-source)
 
     def describe(self) -> dict:
         d = {"kind": self.kind, "path": self.path}
@@ -145,6 +149,8 @@ class Source:
             d["field"] = self.field
         if self.kind == "hub":
             d.update(config=self.hub_config, split=self.hub_split)
+        if self.all_val:  # only then: fingerprints of runs without it stay as they were
+            d["all_val"] = True
         return d
 
     @property
@@ -211,6 +217,7 @@ def _txt_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
             return
         state["index"] += 1
         stats.documents += 1
+        stats.rows += 1
         yield from split_document(text, where(), piece_chars, state["pending"])
         state["pending"] = 0
 
@@ -227,6 +234,7 @@ def _txt_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
                 buf = buf.lstrip()
                 state["index"] += 1
                 stats.documents += 1
+                stats.rows += 1
             cut = safe_cut(buf, piece_chars)
             yield Piece(buf[:cut], not state["open"], state["pending"], where())
             state["pending"], state["open"], buf = 0, True, buf[cut:]
@@ -245,6 +253,7 @@ def _whole_file_pieces(src: Source, stats: ReadStats, piece_chars: int) -> Itera
         while len(buf) > 2 * piece_chars:
             if first:
                 stats.documents += 1
+                stats.rows += 1
             cut = safe_cut(buf, piece_chars)
             yield Piece(buf[:cut], first, pending, where)
             buf, pending, first = buf[cut:], 0, False
@@ -253,6 +262,7 @@ def _whole_file_pieces(src: Source, stats: ReadStats, piece_chars: int) -> Itera
         return
     if first:
         stats.documents += 1
+        stats.rows += 1
     for p in split_document(buf, where, piece_chars, pending):
         yield Piece(p.text, first and p.first, p.nbytes, where)
 
@@ -306,6 +316,7 @@ def _jsonl_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: boo
             line = decode_utf8(raw, stats)
             if not line.strip():
                 continue
+            stats.rows += 1
             where = f"{src.path}:{lineno}"
             try:
                 record = json.loads(line)
@@ -336,6 +347,7 @@ def _json_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool
     per_record = len(raw) // max(1, len(records))
     any_text = False
     for i, record in enumerate(records):
+        stats.rows += 1
         text = _record_text(record, src, f"{src.path} record {i}", stats, skip_bad)
         if not text:
             continue
@@ -368,6 +380,7 @@ def _parquet_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: b
         for text in batch.column(0).to_pylist():
             where = f"{src.path} row {row}"
             row += 1
+            stats.rows += 1
             if not isinstance(text, str):
                 stats.skip(
                     f"{where}: column {src.field!r} is {'null' if text is None else type(text).__name__}",
@@ -398,6 +411,7 @@ def _hub_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
             f"{src.hub_split}): {e}. Offline? Download it as .parquet/.jsonl and pass the files"
         ) from None
     for i, record in enumerate(ds):
+        stats.rows += 1
         where = f"{src.path} record {i}"
         text = _record_text(record, src, where, stats, skip_bad)
         if not text:
@@ -535,6 +549,33 @@ def _expand_one(item, separator, field, column, hub_config, hub_split) -> list[S
         f"input not found: {item!r} is neither a file, a glob, a known dataset "
         f"({', '.join(registry.DATASETS)}) nor a hub id OWNER/NAME"
     )
+
+
+def val_sources(
+    train: list[Source],
+    val_split: str | None = None,
+    val_items: list[str] | None = None,
+    **expand_args,
+) -> list[Source]:
+    """The sources whose every document goes to val: each hub source of ``train`` again with ``split=val_split``
+    (``--val-split``), or the files ``val_items`` (``--val-source``, expanded like the inputs)."""
+    if val_split is not None:
+        local = [s.path for s in train if s.kind != "hub"]
+        if local:
+            raise GptforgeError(
+                f"--val-split {val_split} takes a hub dataset's own split, but {local[0]} is a local file: "
+                "pass the validation file(s) with --val-source FILE... instead"
+            )
+        same = [s.path for s in train if s.hub_split == val_split]
+        if same:
+            raise GptforgeError(
+                f"--val-split {val_split} is the split the training documents of {same[0]} come from: "
+                "name the dataset's validation split (e.g. validation or test)"
+            )
+        return [replace(s, hub_split=val_split, all_val=True) for s in train]
+    if val_items:
+        return [replace(s, all_val=True) for s in expand_sources(val_items, **expand_args)]
+    return []
 
 
 def iter_texts(

@@ -112,10 +112,15 @@ def _init_local_encoder(tokenizer, payload: tuple, dtype: np.dtype) -> None:
 
 
 def encode_batch(
-    texts: list[str], firsts: np.ndarray, val_fraction: float = 0.0, salt: str = "gptforge"
+    texts: list[str],
+    firsts: np.ndarray,
+    val_fraction: float = 0.0,
+    salt: str = "gptforge",
+    all_val: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids of the pieces in order with an end-of-text before each document start, tokens per piece,
-    and the split (True: val) of each document starting in the batch."""
+    and the split (True: val) of each document starting in the batch: by :func:`is_validation`, or every
+    document with ``all_val`` (a batch of a --val-split/--val-source input: batches never mix inputs' roles)."""
     encode, eot, dtype = _ENCODER
     eot_array = np.array([eot], dtype=dtype)
     parts = []
@@ -125,7 +130,7 @@ def encode_batch(
         ids = encode(text)
         if firsts[i]:
             parts.append(eot_array)
-            doc_val.append(is_validation(text, val_fraction, salt))
+            doc_val.append(all_val or is_validation(text, val_fraction, salt))
         parts.append(ids)
         counts[i] = len(ids) + int(firsts[i])
     out = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)

@@ -10,6 +10,10 @@ instead (seed 000's pitfall) reports a different, misleading number.
 Bits-per-byte compares models with different tokenizers: the summed loss (nats → bits) of all non-special
 target tokens divided by the UTF-8 bytes those tokens decode to. Bytes are counted exactly per token from the
 tokenizer's vocabulary (special tokens such as end-of-text have no bytes and are left out of both sums).
+
+The standard error ``loss_se`` treats the windows as the sampled units (:func:`weighted_mean_se`): the loss is
+the token-weighted mean of the per-window mean losses, and its SE is estimated from their spread. Windows cut
+from the same document are somewhat correlated, so the SE is, if anything, a little optimistic.
 """
 
 from __future__ import annotations
@@ -187,6 +191,23 @@ def _is_byte_level(tokenizer: BPETokenizer) -> bool:
 # ---- evaluation --------------------------------------------------------------------------------------------
 
 
+def weighted_mean_se(values, weights) -> float | None:
+    """Standard error of the weighted mean ``Σ w·v / Σ w`` of per-window values (``None`` below 2 windows).
+
+    The ratio-estimator (cluster-sampling) formula ``sqrt(n/(n-1) · Σ w²(v - mean)²) / Σ w``; with equal
+    weights it is exactly ``std(v, ddof=1) / sqrt(n)``. ``gptforge eval loss`` uses it on per-window mean losses,
+    ``gptforge compare`` on per-window paired differences.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(v)
+    if n < 2 or w.sum() <= 0:
+        return None
+    mean = float((w * v).sum() / w.sum())
+    return float(math.sqrt(n / (n - 1) * float((w**2 * (v - mean) ** 2).sum())) / w.sum())
+
+
+
 def token_nll(model, input_ids: torch.Tensor, targets: torch.Tensor, autocast=None, **forward_kwargs
               ) -> torch.Tensor:
     """Per-target negative log-likelihood in nats, ``(B·T,)`` float64; ignored targets (-100) give 0.
@@ -240,8 +261,13 @@ def mean_lm_loss(model, batches: list, autocast=None, dist_info=None) -> float:
 @torch.no_grad()
 def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start: int = 0,
                    max_tokens: int | None = None, batch_size: int = 8, byte_lengths: np.ndarray | None = None,
-                   dtype: str = "auto", show_progress: bool = True, desc: str = "eval loss") -> dict:
-    """Loss over tokens ``[start, start + max_tokens)`` of ``stream``; see the module docstring."""
+                   dtype: str = "auto", show_progress: bool = True, desc: str = "eval loss",
+                   per_window: bool = False) -> dict:
+    """Loss over tokens ``[start, start + max_tokens)`` of ``stream``; see the module docstring.
+
+    The result always has ``loss_se`` (standard error over windows); ``per_window=True`` adds
+    ``window_losses`` (each window's mean loss, in stream order) and ``window_tokens`` (its target count), the
+    paired samples ``gptforge compare`` needs."""
     from gptforge.checkpoint import unwrap
 
     bare = unwrap(model)
@@ -267,6 +293,8 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
     bare.eval()
 
     nats = 0.0  # all targets
+    window_nats: list[float] = []  # per window, in stream order
+    window_tokens: list[int] = []
     nats_text = 0.0  # targets with bytes (for bits-per-byte)
     n_bytes = 0
     bar = None
@@ -290,6 +318,8 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
                                     f"vocabulary ({vocab}); the data was prepared with a different tokenizer")
             ce = token_nll(bare, x, y, precision.autocast())
             nats += float(ce.sum())
+            window_nats.extend(ce.reshape(y.shape).sum(dim=1).tolist())
+            window_tokens.extend([y.shape[1]] * y.shape[0])
             if byte_lengths is not None:
                 yb = torch.from_numpy(byte_lengths).to(device)[y.reshape(-1)]
                 nats_text += float(ce[yb > 0].sum())
@@ -302,11 +332,17 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
         bare.train()
     seconds = time.perf_counter() - t0
     loss = nats / n_targets
+    counts = np.array(window_tokens, dtype=np.float64)
+    means = np.array(window_nats, dtype=np.float64) / counts
     result = {
-        "precision": precision.describe, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n_targets, "start": start,
+        "precision": precision.describe, "loss": loss, "loss_se": weighted_mean_se(means, counts),
+        "perplexity": math.exp(min(loss, 700.0)), "tokens": n_targets, "start": start,
         "stop": stop, "seq_len": seq_len, "windows": len(window_starts), "seconds": seconds,
         "tokens_per_second": n_targets / max(seconds, 1e-9), "data": stream.description,
     }
+    if per_window:
+        result["window_losses"] = means.tolist()
+        result["window_tokens"] = window_tokens
     if byte_lengths is not None and n_bytes > 0:
         result["bits_per_byte"] = nats_text / math.log(2) / n_bytes
         result["bytes"] = n_bytes
@@ -316,13 +352,15 @@ def loss_on_stream(model, stream: TokenStream, seq_len: int | None = None, start
 def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None, split: str = "val",
                   start: int = 0, max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
                   device: str | None = None, dtype: str = "auto", text_field: str = "text",
-                  separator: str | None = None, show_progress: bool = True, _stream_cache: dict | None = None) -> dict:
+                  separator: str | None = None, show_progress: bool = True, _stream_cache: dict | None = None,
+                  per_window: bool = False) -> dict:
     """Loss, perplexity and bits-per-byte of a model on held-out data.
 
     ``checkpoint_or_model``: a checkpoint path (any form ``load_model`` accepts) or a :class:`GPT`.
     ``data``: a prepared dataset directory (its ``split`` shards), a text/jsonl/parquet file or a list of them
     (documents split by ``separator`` as in ``data prepare``), or a :class:`TokenStream`. ``tokenizer`` defaults to the checkpoint's; it is needed for raw text and for
-    bits-per-byte. Returns ``{"loss", "perplexity", "bits_per_byte", "tokens", ...}``.
+    bits-per-byte. Returns ``{"loss", "loss_se", "perplexity", "bits_per_byte", "tokens", ...}``; with
+    ``per_window=True`` also the per-window losses (see :func:`loss_on_stream`).
     """
     meta: dict = {}
     if isinstance(checkpoint_or_model, (str, Path)):
@@ -345,7 +383,7 @@ def evaluate_loss(checkpoint_or_model, data, tokenizer: Tokenizer | None = None,
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if tokenizer is not None else None
     result = loss_on_stream(model, stream, seq_len=seq_len, start=start, max_tokens=max_tokens,
                             batch_size=batch_size, byte_lengths=byte_lengths, dtype=dtype,
-                            show_progress=show_progress)
+                            show_progress=show_progress, per_window=per_window)
     if meta:
         result["checkpoint"] = meta.get("path")
         result["step"] = checkpoint_step(Path(meta["path"]))
@@ -451,13 +489,18 @@ def evaluate_checkpoints(paths: list[str | Path], data, **kwargs) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    """A Markdown table of checkpoint results; the best (lowest loss) row is marked with ``*``."""
-    lines = ["| checkpoint | step | loss | perplexity | bits/byte | tokens |", "|---|---:|---:|---:|---:|---:|"]
+    """A Markdown table of checkpoint results; the best (lowest loss) row is marked with ``*``.
+
+    The loss column is ``loss ± 1.96·SE`` (a normal 95% interval over windows; ``–`` for a single window)."""
+    lines = ["| checkpoint | step | loss ± 1.96·SE | perplexity | bits/byte | tokens |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "–"
         mark = " *" if r.get("best") else ""
         step = r.get("step") if r.get("step") is not None else "–"
-        lines.append(f"| {r.get('name', r.get('checkpoint', 'model'))}{mark} | {step} | {r['loss']:.4f} | "
+        se = r.get("loss_se")
+        loss = f"{r['loss']:.4f} ± {1.96 * se:.4f}" if se is not None else f"{r['loss']:.4f} ± –"
+        lines.append(f"| {r.get('name', r.get('checkpoint', 'model'))}{mark} | {step} | {loss} | "
                      f"{r['perplexity']:.2f} | {bpb} | {r['tokens']:,} |")
     return "\n".join(lines)
 

@@ -399,6 +399,7 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
                  grad_clip=tc.grad_clip)
 
     def save(step: int, is_best: bool = False, val_accuracy: float | None = None) -> Path | None:
+        run.log({"step": step, **guard.period()})  # exploding-gradient counts of the checkpoint period
         return save_training_checkpoint(
             rt, run, step, write_model=classifier_writer(model, tokenizer, {**info, "step": step,
                                                                             "val_accuracy": val_accuracy}),
@@ -426,7 +427,7 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     bar = tqdm(total=total_steps, initial=state["step"], desc="classify", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, interrupted = time.time(), False
-    guard = NonFiniteGuard(tc.max_nonfinite, log, fp16_scaler=scaler is not None)
+    guard = NonFiniteGuard.for_train(tc, log, fp16_scaler=scaler is not None)
     order, order_epoch = None, None
     while state["step"] < total_steps:
         epoch, position = divmod(state["step"], steps_per_epoch)
@@ -444,9 +445,8 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
         state["nonfinite_steps"] += stats.nonfinite
         state["skipped_steps"] += stats.skipped
         step = state["step"]
-        run.log({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": stats.loss,
-                 "train_accuracy": correct[0] / len(chunk), "lr": stats.lr, "grad_norm": stats.grad_norm,
-                 "skipped": stats.skipped, "elapsed_s": round(time.time() - t0, 2)})
+        run.log({"step": step, "epoch": round(step / steps_per_epoch, 3), **stats.fields(),
+                 "train_accuracy": correct[0] / len(chunk), "elapsed_s": round(time.time() - t0, 2)})
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}")
         if guard.update(step, stats):  # diverged: keep the last good state, then stop loudly

@@ -53,6 +53,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     decay_embeddings: bool = False  # decay embedding tables (and a tied head) too
+    decay: str = "matrices"  # matrices: linear weights only | all: every parameter (torch's AdamW default use)
     schedule: str = "cosine"  # cosine | constant | wsd
     warmup_steps: int | None = None  # default: warmup_ratio × total steps
     warmup_ratio: float = 0.0
@@ -77,6 +78,8 @@ class OptimConfig:
             bad("eps", "must be > 0")
         if self.schedule not in ("cosine", "constant", "wsd"):
             bad("schedule", "must be cosine, constant or wsd")
+        if self.decay not in ("matrices", "all"):
+            bad("decay", "must be matrices (linear weights only) or all (every parameter)")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             bad("warmup_steps", "must be >= 0")
         if not 0 <= self.warmup_ratio <= 1:
@@ -106,6 +109,7 @@ class TrainCommon:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     grad_clip: float | None = 1.0  # max gradient norm; null or 0 = no clipping
     max_nonfinite: int = 10  # stop (with a checkpoint) after this many skipped steps in a row; 0 = never
+    nonfinite: str = "skip"  # skip: skip non-finite steps (up to max_nonfinite in a row) | raise: stop at the first
 
     def validate_common(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +120,8 @@ class TrainCommon:
             raise GptforgeError(f"train.seed={self.seed}: must be in [0, 2^63)")
         if self.max_nonfinite < 0:
             raise GptforgeError(f"train.max_nonfinite={self.max_nonfinite}: must be >= 0 (0: never stop)")
+        if self.nonfinite not in ("skip", "raise"):
+            raise GptforgeError(f"train.nonfinite must be skip or raise, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -124,6 +130,7 @@ class CheckpointConfig:
     keep_last: int = 3  # newest checkpoints kept (the best one is always kept)
     resume: bool | str = False  # true: continue the run; "auto": continue when it has a checkpoint
     fallback: bool = False  # resume from the newest *valid* checkpoint when the newest is corrupt
+    best_by: str = "val_loss"  # pretrain: val_loss | train_loss_mean (mean training loss since the last checkpoint)
 
     def validate(self) -> None:
         if self.interval < 0:
@@ -132,6 +139,8 @@ class CheckpointConfig:
             raise GptforgeError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if self.resume not in (False, True, "auto"):
             raise GptforgeError(f"checkpoint.resume must be true, false or auto, got {self.resume!r}")
+        if self.best_by not in ("val_loss", "train_loss_mean"):
+            raise GptforgeError(f"checkpoint.best_by must be val_loss or train_loss_mean, got {self.best_by!r}")
 
 
 @dataclass
@@ -331,7 +340,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with the section's decay groups, betas and eps."""
     optim.validate()
     return configure_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=(optim.beta1, optim.beta2),
-                               eps=optim.eps, decay_embeddings=optim.decay_embeddings)
+                               eps=optim.eps, decay_embeddings=optim.decay_embeddings, decay=optim.decay)
 
 
 # ---- one optimizer step --------------------------------------------------------------------------------------
@@ -344,7 +353,15 @@ class StepStats:
     lr: float
     targets: int  # valid targets in the global batch
     skipped: bool  # the update was not applied (non-finite gradients, or fp16 scaler backoff)
-    nonfinite: bool
+    nonfinite: bool  # some gradient is inf/nan, or their norm overflowed
+    clipped: bool = False  # a finite norm above train.grad_clip was scaled down
+    norm_overflow: bool = False  # every gradient finite, but the norm overflowed (huge, not broken)
+
+    def fields(self) -> dict:
+        """The per-step keys of the shared metrics schema this step contributes."""
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm, "skipped": self.skipped,
+                "clipped": self.clipped, "nonfinite": self.nonfinite and not self.norm_overflow,
+                "norm_overflow": self.norm_overflow}
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, lr: float, *,
@@ -380,6 +397,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     grad_norm = clip_grad_norm(params, grad_clip)
     finite = math.isfinite(grad_norm)
     skipped = not finite
+    overflow = not finite and all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
     if scaler is not None:
         scale_before = scaler.get_scale()
         scaler.step(optimizer)  # skips the update itself when it finds inf/nan
@@ -389,7 +407,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=float(loss_sum.item()), grad_norm=grad_norm, lr=lr, targets=total, skipped=skipped,
-                     nonfinite=not finite)
+                     nonfinite=not finite, clipped=bool(grad_clip) and finite and grad_norm > grad_clip,
+                     norm_overflow=overflow)
 
 
 def clip_grad_norm(params: list[torch.Tensor], clip: float | None) -> float:

@@ -160,6 +160,13 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
     c, mean, lo, hi = bands(g_c)
     axes[2].plot(c, hi, color="C1", alpha=0.7, label="grad norm (max)")
     axes[2].plot(c, mean, color="C0", label="grad norm (mean)")
+    clipped = np.array([bool(r.get("clipped")) for r in train])
+    overflow = np.array([bool(r.get("norm_overflow")) for r in train])
+    if clipped.any():  # exploding-gradient diagnostics: which steps were clipped, overflowed, non-finite
+        axes[2].scatter(steps[clipped], g_c[clipped], s=6, color="C1", label=f"clipped ({int(clipped.sum())})")
+    if overflow.any():
+        axes[2].scatter(steps[overflow], g_c[overflow], marker="^", color="orange",
+                        label=f"norm overflow, finite grads ({int(overflow.sum())})")
     if g_bad.any():
         axes[2].scatter(steps[g_bad], g_c[g_bad], marker="x", color="red", label="non-finite (capped)")
     if grad_clip:

@@ -17,7 +17,16 @@ class Diverged(GptforgeError):
 
 
 class NonFiniteGuard:
-    """Counts consecutive skipped steps; ``update`` returns True when the run must stop."""
+    """Counts consecutive skipped steps; ``update`` returns True when the run must stop.
+
+    It also keeps the exploding-gradient diagnostics of the current checkpoint period (clipped steps, norm
+    overflows with finite gradients, non-finite steps): :meth:`period` returns and resets them.
+    """
+
+    @classmethod
+    def for_train(cls, train, log, fp16_scaler: bool = False) -> NonFiniteGuard:
+        """From a stage's ``train`` section: ``nonfinite: raise`` stops at the first skipped step."""
+        return cls(1 if train.nonfinite == "raise" else train.max_nonfinite, log, fp16_scaler)
 
     def __init__(self, limit: int, log, fp16_scaler: bool = False):
         self.limit = limit  # 0: never stop
@@ -26,9 +35,19 @@ class NonFiniteGuard:
         self.streak = 0
         self.first_step: int | None = None
         self.total = 0
+        self.counts = {"clipped": 0, "norm_overflow": 0, "nonfinite": 0}
+
+    def period(self) -> dict:
+        """``{"period_clipped": n, "period_norm_overflow": n, "period_nonfinite": n}`` since the last call."""
+        out = {f"period_{k}": v for k, v in self.counts.items()}
+        self.counts = dict.fromkeys(self.counts, 0)
+        return out
 
     def update(self, step: int, stats) -> bool:
         """Record step ``step`` (1-based, as in metrics.jsonl) with its :class:`StepStats`."""
+        for key, value in stats.fields().items():
+            if key in self.counts:
+                self.counts[key] += int(bool(value))
         if not stats.skipped:
             self.streak, self.first_step = 0, None
             return False
@@ -41,6 +60,8 @@ class NonFiniteGuard:
         return bool(self.limit) and self.streak >= self.limit
 
     def _why(self, stats) -> str:
+        if stats.norm_overflow:
+            return "the gradient norm overflowed although every gradient is finite (exploding gradients)"
         if stats.nonfinite:
             return "non-finite gradients (loss or gradient norm is inf/nan)"
         return "the fp16 loss scaler found inf/nan gradients and lowered its scale"

@@ -18,8 +18,18 @@ from gptforge.errors import GptforgeError
 __all__ = ["LRSchedule", "configure_optimizer", "param_groups", "set_lr"]
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed group (shared tensors counted once)."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False, decay: str = "matrices"
+                 ) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group (shared tensors counted once).
+
+    ``decay="all"`` decays every parameter, as ``torch.optim.AdamW(model.parameters(), weight_decay=...)`` does
+    (the setup of Raschka's book, and so of seed 004's baseline).
+    """
+    if decay not in ("matrices", "all"):
+        raise GptforgeError(f"optim.decay must be matrices or all, got {decay!r}")
+    if decay == "all":
+        unique = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        return [{"params": unique, "weight_decay": weight_decay}] if unique else []
     decay: dict[int, nn.Parameter] = {}
     no_decay: dict[int, nn.Parameter] = {}
     seen: set[int] = set()
@@ -50,13 +60,14 @@ def configure_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     decay_embeddings: bool = False,
+    decay: str = "matrices",
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters; fused kernel on CUDA, multi-tensor (foreach) otherwise.
 
     ``fused=None`` picks fused when every parameter lives on a CUDA device.
     """
-    groups = param_groups(model, weight_decay, decay_embeddings)
+    groups = param_groups(model, weight_decay, decay_embeddings, decay)
     if not groups:
         raise GptforgeError("configure_optimizer: the model has no trainable parameters (all requires_grad=False); "
                             "unfreeze some parameters before training")

@@ -10,6 +10,7 @@ resume position, SIGTERM handling, FSDP, and the micro-batch finder.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -24,6 +25,7 @@ from gptforge.data.loader import TokenLoader, validation_windows
 from gptforge.engine import Engine, SamplingParams
 from gptforge.errors import GptforgeError
 from gptforge.eval.loss import mean_lm_loss
+from gptforge.io import write_json
 from gptforge.memory import human_bytes, training_memory
 from gptforge.model import GPT
 from gptforge.precision import Precision
@@ -191,7 +193,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
         say(f"initialised from {meta['path']} ({model.num_params():,} parameters; tokenizer from the weights)")
     else:
         tokenizer = resolve_tokenizer(cfg)
-        model = GPT(build_model_config(cfg, tokenizer.vocab_size))
+        model = GPT(build_model_config(cfg, tokenizer.vocab_size), init=cfg.model.init)
     _check_vocab(cfg, model.config, tokenizer)
     model.to(device)
     model.train()
@@ -205,11 +207,14 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
         micro_batch = cfg.train.micro_batch
     else:
         raise GptforgeError(f"train.micro_batch must be an integer or 'auto', got {cfg.train.micro_batch!r}")
-    plan = compute_plan(cfg, model.config, rt.world_size, micro_batch, _data_train_tokens(cfg.data.path))
+    epoch_tokens = _data_train_tokens(cfg.data.path, cfg.data.seq_len or model.config.block_size,
+                                      cfg.data.start_token)
+    plan = compute_plan(cfg, model.config, rt.world_size, micro_batch, epoch_tokens)
 
     loader = TokenLoader(cfg.data.path, "train", plan.seq_len, plan.micro_batch, plan.grad_accum, rt.dist.rank,
                          rt.world_size, seed=cfg.train.seed, mode=cfg.data.sampling, device=device,
-                         vocab_size=model.config.vocab_size)  # each shard's sha256 and largest id, before use
+                         vocab_size=model.config.vocab_size,  # each shard's sha256 and largest id, before use
+                         start_token=cfg.data.start_token)
     val = validation_windows(cfg.data.path, plan.seq_len, cfg.data.val_tokens, vocab_size=model.config.vocab_size)
     schedule = cfg.optim.schedule_for(plan.total_steps)
     bare = model
@@ -221,9 +226,11 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
     scaler = precision.grad_scaler()
     sharded = strategy == "fsdp" and rt.dist.enabled
 
-    state: dict = {"step": 0, "tokens": 0, "best_val_loss": None, "nonfinite_steps": 0, "scaler_skips": 0,
-                   "skipped_steps": 0, "elapsed": 0.0, "loss": float("nan"), "val_loss": None}
+    state: dict = {"step": 0, "tokens": 0, "best_val_loss": None, "best_train_loss_mean": None, "nonfinite_steps": 0,
+                   "scaler_skips": 0, "skipped_steps": 0, "elapsed": 0.0, "loss": float("nan"), "val_loss": None,
+                   "train_seconds": 0.0, "eval_seconds": 0.0, "checkpoint_seconds": 0.0}
     keeper = BestKeeper(mode="min")
+    state["schedule_shift"] = 0  # LR-schedule step − optimizer step (nonzero after a resume with another batch)
     if resume_dir is not None:
         def load_weights(directory: Path) -> None:
             if not sharded:
@@ -235,11 +242,14 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
 
         trainer_state = restore_checkpoint(resume_dir, rt, load_weights=load_weights, scaler=scaler,
                                            load_optimizer=lambda s: D.load_optimizer(model, optimizer, s, strategy))
-        loader.load_state_dict(trainer_state["loader"])
+        batch_change = loader.load_state_dict(trainer_state["loader"])
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         if trainer_state.get("keeper"):
             keeper.load_state_dict(trainer_state["keeper"])
         say(f"resumed from {resume_dir} at step {state['step']} ({state['tokens']:,} tokens)")
+        if batch_change:  # another global batch: same token, and the configured schedule at that token's step
+            state["schedule_shift"] = batch_change["tokens"] // plan.tokens_per_step - state["step"]
+            say(_batch_change_message(batch_change, state, plan, schedule))
 
     train_model = torch.compile(model) if cfg.train.compile else model
     peak, peak_source = device_peak_flops(device, precision.name)
@@ -253,9 +263,18 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
         f"{', compiled' if cfg.train.compile else ''}): {plan.total_steps:,} steps × {plan.tokens_per_step:,} "
         f"tokens (micro-batch {plan.micro_batch} × {plan.seq_len}, accumulation {plan.grad_accum})")
 
+    period_losses: list[float] = []  # training losses since the last checkpoint (checkpoint.best_by)
+
     def save(step: int, val_loss: float | None) -> Path | None:
-        is_best = val_loss is not None and keeper.update(val_loss, step)
-        state["best_val_loss"] = keeper.best
+        metric = val_loss
+        if cfg.checkpoint.best_by == "train_loss_mean":  # seed 004: keep the best mean training loss
+            finite = [x for x in period_losses if math.isfinite(x)]
+            metric = sum(finite) / len(finite) if finite else None
+            period_losses.clear()
+            state["best_train_loss_mean"] = keeper.best if metric is None else min(metric, keeper.best or metric)
+        is_best = metric is not None and keeper.update(metric, step)
+        if cfg.checkpoint.best_by == "val_loss":
+            state["best_val_loss"] = keeper.best
         model_state, opt_state = D.full_state_dicts(model, optimizer, strategy)
         trainer_state = {**state, "loader": loader.state_dict(), "config": asdict(cfg), "plan": asdict(plan),
                          "keeper": keeper.state_dict()}
@@ -288,31 +307,34 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
     from tqdm.auto import tqdm
 
     start_step = state["step"]
-    end_step = plan.total_steps if cfg.train.stop_at is None else min(plan.total_steps, cfg.train.stop_at)
-    bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (rt.is_main and cfg.log.progress),
+    last_step = plan.total_steps - state["schedule_shift"]
+    end_step = last_step if cfg.train.stop_at is None else min(last_step, cfg.train.stop_at)
+    bar = tqdm(total=last_step, initial=start_step, disable=not (rt.is_main and cfg.log.progress),
                unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    guard = NonFiniteGuard(cfg.train.max_nonfinite, say, fp16_scaler=scaler is not None)
+    guard = NonFiniteGuard.for_train(cfg.train, say, fp16_scaler=scaler is not None)
+    spent = {k: state.get(f"{k}_seconds", 0.0) for k in ("train", "eval", "checkpoint")}  # run accounting
     last_ckpt = None
     run_t0 = time.perf_counter()
     interrupted = False
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
         batches = [loader.next_batch() for _ in range(plan.grad_accum)]
-        stats = optimizer_step(train_model, optimizer, batches, schedule.lr_at(step), loss_fn=_lm_loss,
-                               count_fn=lambda b: b[1].numel(), rt=rt, scaler=scaler,
+        stats = optimizer_step(train_model, optimizer, batches, schedule.lr_at(step + state["schedule_shift"]),
+                               loss_fn=_lm_loss, count_fn=lambda b: b[1].numel(), rt=rt, scaler=scaler,
                                grad_clip=cfg.train.grad_clip, params=params)
         state["nonfinite_steps"] += stats.nonfinite
         state["skipped_steps"] += stats.skipped
         state["scaler_skips"] += int(stats.skipped and scaler is not None)
         state["loss"] = stats.loss
+        period_losses.append(stats.loss)
         dt = time.perf_counter() - t0
+        spent["train"] += dt
         state["step"] = step + 1
         state["tokens"] += plan.tokens_per_step
         tok_s = plan.tokens_per_step / dt
         mfu = plan.flops_per_token * tok_s / peak if peak else None
-        record = {"step": state["step"], "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                  "tokens": state["tokens"], "dt": dt, "tokens_per_s": tok_s, "skipped": stats.skipped}
+        record = {"step": state["step"], **stats.fields(), "tokens": state["tokens"], "dt": dt, "tokens_per_s": tok_s}
         if mfu is not None:
             record["mfu"] = mfu
         if device.type == "cuda":
@@ -320,6 +342,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
 
         done = state["step"] == end_step
         stop_now = stop.any_rank(rt)
+        t_eval = time.perf_counter()
         if len(val) and ((cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or stop_now):
             # no activations are kept for backward, so evaluation can take bigger batches than training
             eval_batch = plan.micro_batch * min(4, plan.grad_accum * 2)
@@ -329,8 +352,13 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
             from gptforge.eval.choice import hellaswag_hook
 
             record.update(hellaswag_hook(bare, tokenizer, hellaswag_items))
+        diverged = guard.update(state["step"], stats)
+        checkpoint_now = bool((cfg.checkpoint.interval and state["step"] % cfg.checkpoint.interval == 0) or done
+                              or stop_now or diverged)
+        if checkpoint_now:  # exploding-gradient counts of the period this checkpoint closes
+            record.update(guard.period())
         run.log(record)
-        if guard.update(state["step"], stats):  # diverged: keep the last good state, then stop loudly
+        if diverged:  # keep the last good state, then stop loudly
             bar.close()
             state["elapsed"] += time.perf_counter() - run_t0
             last_ckpt = save(state["step"], None)
@@ -338,13 +366,17 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
             raise guard.error(last_ckpt)
         if (cfg.eval.sample_interval and state["step"] % cfg.eval.sample_interval == 0) or done:
             write_samples(state["step"])
+        spent["eval"] += time.perf_counter() - t_eval
         bar.set_postfix_str(f"loss {stats.loss:.4f} lr {stats.lr:.2e} gnorm {stats.grad_norm:.2f} tok/s {tok_s:,.0f}"
                             + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""), refresh=False)
         bar.update(1)
-        if (cfg.checkpoint.interval and state["step"] % cfg.checkpoint.interval == 0) or done or stop_now:
-            state["elapsed"] += time.perf_counter() - run_t0
-            run_t0 = time.perf_counter()
+        if checkpoint_now:
+            t_ckpt = time.perf_counter()
+            state["elapsed"] += t_ckpt - run_t0
+            run_t0 = t_ckpt
+            state.update({f"{k}_seconds": v for k, v in spent.items()})
             last_ckpt = save(state["step"], record.get("val_loss"))
+            spent["checkpoint"] += time.perf_counter() - t_ckpt
         if stop_now:
             interrupted = True
             say(f"\nstopped by {stop.name} after step {state['step']}; checkpoint {last_ckpt}; continue with --resume")
@@ -365,12 +397,48 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
                "best_val_loss": state["best_val_loss"], "skipped_steps": state["skipped_steps"],
                "nonfinite_steps": state["nonfinite_steps"], "scaler_skips": state["scaler_skips"],
                "params": bare.num_params(), "precision": precision.name, "precision_reason": precision.reason,
-               "world_size": rt.world_size}
+               "world_size": rt.world_size, "train_seconds": spent["train"], "eval_seconds": spent["eval"],
+               "checkpoint_seconds": spent["checkpoint"]}
+    coverage = loader.coverage()  # all ranks together; exact for sequential/in_order, expected for random
+    summary.update(sampling=coverage["sampling"], distinct_tokens=coverage["distinct_tokens"],
+                   distinct_tokens_exact=coverage["exact"], data_next_token=coverage["next_token"])
     say(summary_text(summary))
+    say(_coverage_message(coverage))
+    say(f"time: {spent['train']:.1f} s training steps, {spent['eval']:.1f} s evaluation and samples, "
+        f"{spent['checkpoint']:.1f} s checkpoints")
+    if rt.is_main:
+        write_json(run_dir / "summary.json", summary, default=str)
     run.close()
     return PretrainResult(run_dir=run_dir, steps=state["step"], tokens=state["tokens"], final_loss=state["loss"],
                           final_val_loss=state["val_loss"], best_val_loss=state["best_val_loss"],
                           checkpoint=last_ckpt, interrupted=interrupted, summary=summary)
+
+
+def _batch_change_message(change: dict, state: dict, plan: Plan, schedule) -> str:
+    """The one line that says how a resume with another global batch was mapped."""
+    s, shift = state["step"], state["schedule_shift"]
+    rest = change["tokens"] - (s + shift) * plan.tokens_per_step
+    return (f"resumed with another global batch ({change['from_global_batch']} → {change['to_global_batch']} "
+            f"sequences of {plan.seq_len} tokens): the checkpoint's {s:,} steps consumed {change['tokens']:,} "
+            f"tokens, so the data continues at token {change['tokens']:,} (window {change['windows']:,}) and the "
+            f"{schedule.kind} LR schedule of {plan.total_steps:,} steps × {plan.tokens_per_step:,} tokens "
+            f"continues at its step {s + shift:,} (lr {schedule.lr_at(s + shift):.3g}"
+            + (f"; {rest:,} tokens into it" if rest else "") + f"); optimizer steps keep counting from {s:,}, "
+            f"so the run ends at step {plan.total_steps - shift:,}")
+
+
+def _coverage_message(c: dict) -> str:
+    """What the run's data covered: distinct tokens seen, and where to continue on unseen ones."""
+    share = f"{100 * c['distinct_tokens'] / max(1, c['available_tokens']):.1f}%"
+    if c["sampling"] == "random":
+        return (f"data: random windows with replacement, {c['tokens']:,} tokens drawn ({c['epochs']:.2f} epochs' "
+                f"worth): about {c['distinct_tokens']:,} distinct tokens of {c['available_tokens']:,} ({share}; "
+                "expected value; data.sampling=sequential sees every window once per epoch)")
+    line = (f"data: {c['sampling']} sampling, {c['epochs']:.2f} epochs: {c['distinct_tokens']:,} distinct tokens "
+            f"of {c['available_tokens']:,} ({share}, exact)")
+    if c["next_token"] is not None:
+        line += f"; continue on the unseen tokens with --data.start_token={c['next_token']}"
+    return line
 
 
 def _peak_memory(device: torch.device) -> float | None:

@@ -17,7 +17,8 @@ import torch
 
 from gptforge.checkpoint import is_hf_directory, model_config, read_model_config, resolve_checkpoint
 from gptforge.config import from_dict
-from gptforge.data.shards import list_shards, read_header, read_manifest
+from gptforge.data.loader import SAMPLING_MODES, epoch_tokens
+from gptforge.data.shards import read_manifest
 from gptforge.errors import GptforgeError
 from gptforge.hf import config_from_hf
 from gptforge.io import read_json
@@ -36,6 +37,7 @@ class ModelSection:
 
     preset: str = "tiny"
     init_from: str | None = None
+    init: str = "gpt2"  # gpt2: N(0, 0.02) + scaled residuals | torch_default: PyTorch's layer defaults (seed 004)
     vocab_size: int | None = None  # default: the data's tokenizer
     block_size: int | None = None
     n_layer: int | None = None
@@ -52,7 +54,10 @@ class DataSection:
     path: str = ""  # a prepared shard directory (gptforge data prepare)
     tokenizer: str | None = None  # default: <path>/tokenizer, else the manifest's tokenizer name
     seq_len: int | None = None  # default: the model's context length
-    sampling: str = "random"  # random windows | sequential (epochs over non-overlapping windows)
+    # random: windows drawn with replacement (~63% of the tokens seen per nominal epoch) | sequential: every
+    # non-overlapping window once per epoch, reshuffled each epoch | in_order: the same windows in file order
+    sampling: str = "random"
+    start_token: int = 0  # use the train split from this token offset on (continue on unseen tokens)
     val_tokens: int = 65536  # size of the fixed validation slice (first tokens of the val split)
 
 
@@ -110,8 +115,11 @@ class PretrainConfig:
             raise GptforgeError(f"data.seq_len={d.seq_len}: must be >= 1 (or unset: the model's context length)")
         if d.val_tokens < 0:
             raise GptforgeError(f"data.val_tokens={d.val_tokens}: must be >= 0 (0: no validation)")
-        if d.sampling not in ("random", "sequential"):
-            raise GptforgeError(f"data.sampling must be random or sequential, got {d.sampling!r}")
+        if d.sampling not in SAMPLING_MODES:
+            raise GptforgeError(f"data.sampling must be one of {', '.join(SAMPLING_MODES)}, got {d.sampling!r}")
+        if isinstance(d.start_token, bool) or not isinstance(d.start_token, int) or d.start_token < 0:
+            raise GptforgeError(f"data.start_token={d.start_token!r}: must be an integer >= 0 (a token offset of "
+                                "the train split; 0: from the start)")
         if isinstance(t.micro_batch, str) and t.micro_batch != "auto":
             raise GptforgeError(f"train.micro_batch must be an integer or 'auto', got {t.micro_batch!r}")
         require_at_least_one(t, "train", (), ("global_batch_tokens", "global_batch_seqs", "max_steps",
@@ -204,7 +212,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int | None) -> GPTConfig
     m = cfg.model
     if m.preset not in PRESETS:
         raise GptforgeError(f"unknown model.preset {m.preset!r}; choose one of: {', '.join(PRESETS)}")
-    fields = {k: v for k, v in asdict(m).items() if k not in ("preset", "init_from") and v is not None}
+    fields = {k: v for k, v in asdict(m).items() if k not in ("preset", "init_from", "init") and v is not None}
     base = dict(PRESETS[m.preset])
     if vocab_size is not None and m.vocab_size is None:
         base["vocab_size"] = vocab_size
@@ -268,11 +276,11 @@ def compute_plan(cfg: PretrainConfig, model_config: GPTConfig, world_size: int, 
                 flops_per_token=flops_per_token(model_config, T), train_tokens=train_tokens)
 
 
-def _data_train_tokens(data_path: str) -> int | None:
-    try:
-        return sum(read_header(p)[1] for p in list_shards(data_path, "train"))
-    except GptforgeError:
+def _data_train_tokens(data_path: str, seq_len: int, start_token: int = 0) -> int | None:
+    """Tokens one epoch trains on (whole ``seq_len`` windows from ``start_token`` on); None when not prepared."""
+    if not data_path or not Path(data_path).is_dir() or not any(Path(data_path).glob("train_*.bin")):
         return None
+    return epoch_tokens(data_path, "train", seq_len, start_token)
 
 
 
@@ -326,7 +334,8 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
     micro_auto = not isinstance(cfg.train.micro_batch, int)
     if micro_auto and cfg.train.micro_batch != "auto":
         raise GptforgeError(f"train.micro_batch must be an integer or 'auto', got {cfg.train.micro_batch!r}")
-    train_tokens = _data_train_tokens(cfg.data.path)
+    train_tokens = _data_train_tokens(cfg.data.path, cfg.data.seq_len or model_config.block_size,
+                                      cfg.data.start_token)
     length_unknown = cfg.train.epochs is not None and train_tokens is None
     if length_unknown:  # epochs over data that is not prepared here: show everything but the length
         probe = copy.deepcopy(cfg)
@@ -368,10 +377,17 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
     log(f"  compute: {info['total_flops'] or 0:.3e} FLOPs; precision {precision}; compile {cfg.train.compile}")
     log(f"  memory per process (estimate, {mem_precision}, micro-batch {plan.micro_batch}): "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in mem.rows()))
+    sampling = {"random": "random windows with replacement (one epoch's worth of draws sees ~63% of the tokens)",
+                "sequential": "sequential (every window once per epoch, reshuffled per epoch)",
+                "in_order": "in_order (every window once per epoch, in file order)"}.get(cfg.data.sampling,
+                                                                                          cfg.data.sampling)
+    start = f" from token {cfg.data.start_token:,}" if cfg.data.start_token else ""
+    info["sampling"], info["start_token"] = cfg.data.sampling, cfg.data.start_token
     if plan.train_tokens is None:
-        log(f"  data: {cfg.data.path or '(unset)'} not prepared yet")
+        log(f"  data: {cfg.data.path or '(unset)'} not prepared yet; sampling {sampling}{start}")
     else:
-        log(f"  data: {plan.train_tokens:,} train tokens ({plan.total_tokens / plan.train_tokens:.2f} epochs)")
+        log(f"  data: {plan.train_tokens:,} train tokens in whole windows{start} "
+            f"({plan.total_tokens / max(1, plan.train_tokens):.2f} epochs); sampling {sampling}")
     return info
 
 

@@ -391,6 +391,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         return evaluate_loss(model, val_set, tc.eval_batch_size, pad_id, device, rt.precision.autocast(), rt.dist)
 
     def save(step: int, val: float | None = None, is_best: bool = False) -> Path | None:
+        run.log({"step": step, **guard.period()})  # exploding-gradient counts of the checkpoint period
         trainer_state = {**state, "keeper": keeper.state_dict(), "config": asdict(config)}
         return save_training_checkpoint(
             rt, run, step, write_model=C.gpt_writer(model, tokenizer, None, {**extra, "step": step, "val_loss": val}),
@@ -416,7 +417,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, interrupted = time.time(), False
-    guard = NonFiniteGuard(tc.max_nonfinite, log, fp16_scaler=scaler is not None)
+    guard = NonFiniteGuard.for_train(tc, log, fp16_scaler=scaler is not None)
     batches, batches_epoch = None, None
     while state["step"] < total_steps and state["epoch"] < epoch_limit and not state["stopped_early"]:
         if batches_epoch != state["epoch"]:
@@ -436,8 +437,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         end_of_epoch = state["position"] >= epoch_steps
         if end_of_epoch:
             state["epoch"], state["position"] = state["epoch"] + 1, 0
-        run.log({"step": step, "epoch": round(epoch, 3), "loss": stats.loss, "lr": stats.lr,
-                 "grad_norm": stats.grad_norm, "tokens": state["tokens"], "skipped": stats.skipped,
+        run.log({"step": step, "epoch": round(epoch, 3), **stats.fields(), "tokens": state["tokens"],
                  "elapsed_s": round(time.time() - t0, 2)})
         bar.update(1)
         bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}")

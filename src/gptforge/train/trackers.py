@@ -7,6 +7,7 @@ and ``close()``. Each writes under the run directory unless the tracker's own en
 from __future__ import annotations
 
 import math
+import inspect
 import os
 from pathlib import Path
 
@@ -58,7 +59,13 @@ class MLflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("gptforge")
-        self.run = mlflow.start_run(run_name=run_name)
+        # System metrics (CPU/GPU utilisation, memory), as seed 002 logged them, where MLflow can collect them:
+        # its sampler needs psutil (and pynvml for GPUs); without them MLflow would only warn each run.
+        kwargs = {}
+        if "log_system_metrics" in inspect.signature(mlflow.start_run).parameters and _has("psutil"):
+            kwargs["log_system_metrics"] = True
+        self.system_metrics = bool(kwargs)
+        self.run = mlflow.start_run(run_name=run_name, **kwargs)
         flat = _flatten(config)
         mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
 
@@ -98,6 +105,12 @@ def make_trackers(names: list[str], run_dir: Path, run_name: str, config: dict) 
             raise GptforgeError(f"unknown tracker {name!r} in log.trackers; choose from {', '.join(TRACKERS)}")
         out.append(TRACKERS[name](Path(run_dir), run_name, config))
     return out
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
