@@ -7,7 +7,6 @@ import torch
 from gptforge.model import GPT, GPTConfig
 
 
-
 def peak_rss() -> int:
     """VmHWM of this process's own address space (ru_maxrss would inherit the forking parent's peak)."""
     with open("/proc/self/status") as f:

@@ -85,6 +85,38 @@ def test_dolly_and_messages_formats_are_detected():
     assert (convs[0].instruction, convs[0].reference) == ("Bye", "Bye!")
 
 
+def test_turn_keys_of_either_layout_and_the_sharegpt_system_column():
+    """LLaMA-Factory's ShareGPT records may carry a top-level ``system``; some datasets use role/content turns under
+    ``conversations`` (or from/value under ``messages``). Plain records get no tools."""
+    record = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+              "system": "Be kind."}
+    conv = to_conversations([record])[0][0]
+    assert conv.messages == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello."}]
+    assert conv.tools == []
+    conv = to_conversations([{"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo."}]}])[0][0]
+    assert conv.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]
+
+
+def test_tool_turns_need_a_call_and_the_chat_style(gpt2):
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}]
+    with pytest.raises(GptforgeError, match="record 0: a tool result"):
+        to_conversations([{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"},
+                                        {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(GptforgeError, match="record 0: an assistant turn is empty"):
+        to_conversations([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}])
+    conv = to_conversations([{"messages": [{"role": "user", "content": "x"},
+                                           {"role": "assistant", "content": None, "tool_calls": calls},
+                                           {"role": "tool", "content": {"ok": True}}]}])[0][0]
+    assert conv.messages[1]["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert conv.messages[2]["content"] == '{"ok": true}'  # a structured result becomes its JSON
+    assert conv.reference == '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    ex = encode_conversation(conv.messages, gpt2, prompt_style("chat"))
+    assert gpt2.decode([t for t in ex.labels if t != IGNORE_INDEX]) == conv.reference + IM_END
+    with pytest.raises(GptforgeError, match="cannot render tools"):
+        encode_conversation(conv.messages, gpt2, prompt_style("alpaca"))
+
+
 def test_jsonl_and_parquet_files_load(tmp_path, data_dir):
     raw = json.loads((data_dir / "instruct" / "instruction-data.json").read_text())[:5]
     jsonl = tmp_path / "d.jsonl"

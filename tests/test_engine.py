@@ -318,3 +318,41 @@ def test_on_finish_reports_each_row_as_soon_as_it_is_done(engine):
     finish_0 = events.index(("finish", 0, 3))
     assert events[finish_0 - 1] == ("token", 0) and ("token", 1) in events[finish_0 + 1 :]
     assert events[-1] == ("finish", 1, 9) and [len(c.token_ids) for c in out] == [3, 9]
+
+
+# ---- log-probabilities and the shared sampling defaults --------------------------------------------------
+
+
+def test_top_logprobs_are_the_models_own_distribution(engine):
+    c = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, seed=4, temperature=1.5, top_k=20,
+                                                     logprobs=True, top_logprobs=5))[0]
+    assert len(c.logprobs) == len(c.top_logprobs) == len(c.token_ids) == 6
+    ids = list(c.prompt_ids)
+    for token, logprob, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        with torch.no_grad():  # unprocessed: temperature and top-k change the draw, not the reported numbers
+            expected = torch.log_softmax(engine.model(torch.tensor([ids]))[0][0, -1].float(), -1)
+        values, indices = expected.topk(5)
+        assert [t for t, _ in top] == indices.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        ids.append(token)
+
+
+def test_logprobs_per_row_in_a_mixed_batch(engine):
+    out = engine.generate(PROMPTS[:3], [greedy(4, logprobs=True, top_logprobs=2), greedy(4),
+                                         greedy(4, logprobs=True)])
+    assert [len(t) for t in out[0].top_logprobs] == [2] * 4 and out[0].top_logprobs[0][0][0] == out[0].token_ids[0]
+    assert out[1].logprobs is None and out[1].top_logprobs is None
+    assert out[2].top_logprobs == [[]] * 4 and len(out[2].logprobs) == 4
+
+
+def test_sampling_defaults_are_one_set_and_greedy_is_plain_argmax():
+    from gptforge.engine import SAMPLING_DEFAULTS
+
+    sampled = SAMPLING_DEFAULTS.params(max_new_tokens=5)
+    assert (sampled.temperature, sampled.top_p, sampled.repetition_penalty) == (0.8, 0.95, 1.1)
+    plain = SAMPLING_DEFAULTS.params(temperature=0.0)
+    assert plain.repetition_penalty == 1.0 and plain.presence_penalty == plain.frequency_penalty == 0.0
+    asked = SAMPLING_DEFAULTS.params(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5)
+    assert asked.repetition_penalty == 1.3 and asked.frequency_penalty == 0.5
+    assert SAMPLING_DEFAULTS.params(temperature=0.5).repetition_penalty == 1.1  # sampling keeps the default

@@ -84,3 +84,53 @@ def test_chat_keeps_history_within_the_context(ckpt, capsys, monkeypatch):
     code, out, err = run_cli(capsys, "chat", "--checkpoint", ckpt, "--max-new-tokens", "8", "--greedy")
     assert code == 0 and out.count("assistant: ") == 8
     assert "dropped to fit the context" in err
+
+
+# ---- one set of defaults; greedy is plain argmax ------------------------------------------------------------
+
+
+def test_generate_greedy_equals_transformers_generate(ckpt, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from gptforge.engine import Engine, SamplingParams
+    from gptforge.hf import export_model
+
+    engine = Engine.from_checkpoint(ckpt, dtype=torch.float32)
+    export_model(engine.model, engine.tokenizer, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = "It had always been his fate to"
+    ids = engine.tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=24, do_sample=False, pad_token_id=engine.tokenizer.eot_id,
+                               eos_token_id=sorted(engine.base_stop_ids))[0, len(ids):].tolist()
+    code, out, _ = run_cli(capsys, "generate", "--checkpoint", ckpt, "--prompt", prompt, "--greedy",
+                           "--max-new-tokens", "24", "--json", "--logprobs", "--dtype", "float32")
+    assert code == 0 and json.loads(out)["token_ids"] == expected
+    # The default repetition penalty (1.1) would have changed this greedy path: the test can tell.
+    penalized = engine.generate([ids], SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=1.1))
+    assert penalized[0].token_ids != expected
+
+
+def test_sampling_defaults_shown_in_help(capsys):
+    from gptforge.sampling_defaults import SAMPLING_DEFAULTS
+
+    for command in ("generate", "chat", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"temperature {SAMPLING_DEFAULTS.temperature}" in text
+        assert str(SAMPLING_DEFAULTS.repetition_penalty) in text and "plain argmax" in text
+
+
+def test_lone_surrogates_in_prompts_and_chat_input_are_replaced(ckpt, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi \\ud800 there"}\n', encoding="utf-8")  # a JSON escape: a lone surrogate
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", ckpt, "--prompts-file", str(prompts), "--json",
+                             "--max-new-tokens", "3", "--greedy")
+    assert code == 0 and json.loads(out)["prompt"] == "hi \ufffd there"
+    assert "replaced 1 lone surrogate" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi \ud800\n"))
+    code, out, err = run_cli(capsys, "chat", "--checkpoint", ckpt, "--max-new-tokens", "3", "--greedy")
+    assert code == 0 and out.count("assistant: ") == 1 and "replaced 1 lone surrogate" in err

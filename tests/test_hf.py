@@ -4,12 +4,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from gptforge.checkpoint import load_model, save_model  # noqa: E402
-from gptforge.hf import export_model, import_hf  # noqa: E402
-from gptforge.model import GPT, GPTConfig  # noqa: E402
-from gptforge.tokenizer import TiktokenTokenizer  # noqa: E402
+from gptforge.checkpoint import load_model, save_model
+from gptforge.hf import export_model, import_hf
+from gptforge.model import GPT, GPTConfig
+from gptforge.tokenizer import TiktokenTokenizer
 
 
 def batch(vocab):

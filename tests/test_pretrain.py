@@ -134,7 +134,7 @@ def test_corrupt_checkpoint_is_refused_and_fallback_uses_the_previous_one(shakes
 
 def test_nonfinite_gradients_are_counted_and_the_step_skipped(shakespeare_shards, tmp_path, monkeypatch,
                                                               small_config):
-    import gptforge.train.core as core
+    from gptforge.train import core
 
     real = core.clip_grad_norm
     calls = {"n": 0}

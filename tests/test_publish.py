@@ -4,11 +4,11 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from gptforge.checkpoint import save_model  # noqa: E402
-from gptforge.cli import main  # noqa: E402
-from gptforge.model import GPT, GPTConfig  # noqa: E402
-from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer  # noqa: E402
-from gptforge.chat_template import default_template  # noqa: E402
+from gptforge.chat_template import default_template
+from gptforge.checkpoint import save_model
+from gptforge.cli import main
+from gptforge.model import GPT, GPTConfig
+from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
 
 
 def make_run(tmp_path):

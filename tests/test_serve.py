@@ -135,6 +135,14 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400,
      "invalid_value"),
     ("/v1/chat/completions", b"x" * 2_000_000, 413, "body_too_large"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "invalid_value"),
 ]
 
 
@@ -167,6 +175,9 @@ def test_api_key_required_when_set(engine, live_server):
             assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
             ok = c.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200
+            assert c.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
+            assert c.get("/v1/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
+            assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret2"}).status_code == 401
             assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
     finally:
         server.close()
@@ -186,7 +197,7 @@ def test_concurrent_requests_are_batched_and_full_queue_answers_429(engine, live
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
             for t in threads:
                 t.start()
-            while api.scheduler.pending < 6:
+            while api.scheduler.pending < 6 or api.scheduler.preparing:  # all six tokenized and queued
                 time.sleep(0.02)
             with httpx.Client(base_url=server.url) as c:
                 busy = c.post("/v1/completions", json={"prompt": "one more", "max_tokens": 2})
@@ -271,3 +282,109 @@ def test_client_giving_up_on_a_queued_request_frees_its_slot(engine, live_server
             assert c.post("/v1/chat/completions", json=chat_body()).status_code == 200
     finally:
         server.close()
+
+
+# ---- greedy equals transformers; logprobs as OpenAI defines them ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from gptforge.hf import export_model
+
+    out = tmp_path_factory.mktemp("hf")
+    export_model(engine.model, engine.tokenizer, out)
+    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+
+
+def hf_greedy(hf_model, engine, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n, do_sample=False, pad_token_id=engine.tokenizer.eot_id,
+                                eos_token_id=sorted(engine.base_stop_ids))[0, len(ids):].tolist()
+    stops = [k for k, t in enumerate(out) if t in engine.base_stop_ids]
+    return out[: stops[0]] if stops else out  # the text omits the stop token
+
+
+def test_temperature_0_equals_transformers_generate(client, engine, hf_model):
+    ids = engine.tokenizer.encode("It had always been his fate to")
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 30, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(hf_greedy(hf_model, engine, ids, 30))
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30, "temperature": 0})
+    expected = hf_greedy(hf_model, engine, engine.encode_chat(messages), 30)
+    assert r.json()["choices"][0]["message"]["content"] == engine.tokenizer.decode(expected)
+
+
+def test_chat_logprobs_with_the_official_client_streamed_and_not(live):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10, "temperature": 0,
+           "logprobs": True, "top_logprobs": 3}
+    choice = client.chat.completions.create(**ask).choices[0]
+    content = choice.logprobs.content
+    assert len(content) == 10 and "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the chosen is the top
+        assert t.logprob == t.top_logprobs[0].logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[2].logprob
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+    streamed = [t for chunk in client.chat.completions.create(stream=True, **ask)
+                for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, t.logprob, len(t.top_logprobs)) for t in streamed] == \
+        [(t.token, t.logprob, 3) for t in content]
+    plain = client.chat.completions.create(**{**ask, "top_logprobs": None}).choices[0].logprobs.content
+    assert [t.top_logprobs for t in plain] == [[]] * 10
+
+
+def test_completion_logprobs_with_the_official_client_streamed_and_not(live):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": MODEL, "prompt": "The verdict was", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    choice = client.completions.create(**ask).choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and top[token] == logprob == max(top.values())
+    streamed = [c.logprobs for chunk in client.completions.create(stream=True, **ask) for c in chunk.choices
+                if c.logprobs]
+    for field in ("tokens", "text_offset", "token_logprobs"):
+        assert [x for piece in streamed for x in getattr(piece, field)] == getattr(lp, field)
+
+
+@pytest.fixture(scope="module")
+def stopping(make_tiny_model, live_server):
+    """A server whose model 'ends its text' after a few greedy tokens: the next one becomes an end-of-text id."""
+    model, tok = make_tiny_model(block_size=96)
+    eng = Engine(model, tok)
+    ids = eng.encode_chat([{"role": "user", "content": "Tell me a story."}])
+    free = eng.generate([ids], SamplingParams(max_new_tokens=12, temperature=0))[0].token_ids
+    k = next(k for k in range(2, 12) if free[k] not in free[:k])
+    eng.base_stop_ids = eng.base_stop_ids | {free[k]}
+    server = live_server(create_app(eng, ServerSettings(model_name=MODEL)))
+    yield server, eng, free[:k]
+    server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_logprobs_never_list_the_stop_token_the_text_omits(stopping, stream):
+    server, eng, kept = stopping
+    text = eng.tokenizer.decode(kept)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        body = chat_body(temperature=0, logprobs=True, top_logprobs=1, stream=stream, max_tokens=10)
+        if stream:
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                events = [e for e in sse_events(r)[:-1] if e["choices"]]
+            choices = [e["choices"][0] for e in events]
+            content = "".join(ch["delta"].get("content", "") for ch in choices)
+            tokens = [t for ch in choices if ch["logprobs"] for t in ch["logprobs"]["content"]]
+            finish = choices[-1]["finish_reason"]
+        else:
+            choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+            content, tokens, finish = choice["message"]["content"], choice["logprobs"]["content"], \
+                choice["finish_reason"]
+        assert finish == "stop" and content == text
+        assert [bytes(t["bytes"]) for t in tokens] == [eng.tokenizer.decode_bytes([k]) for k in kept]

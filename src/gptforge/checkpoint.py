@@ -65,7 +65,16 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Map a run directory, ``ckpt`` directory or pointer file to the concrete checkpoint directory."""
+    """Map a run directory, ``ckpt`` directory, pointer file or Hub model name (``gpt2``,
+    ``openai-community/gpt2``: see :mod:`gptforge.hub_models`) to the concrete checkpoint directory."""
+    from gptforge.hub_models import download, hub_repo
+
+    repo = hub_repo(path)
+    if repo is not None:  # gpt2, openai-community/gpt2, ...: a Hub snapshot (cached after the first download)
+        try:
+            return download(repo)
+        except GptforgeError as e:
+            raise GptforgeError(f"checkpoint not found: {path} is not a local path; as a Hub model: {e}") from None
     path = Path(path)
     if not path.exists():
         raise GptforgeError(f"checkpoint not found: {path}")

@@ -10,6 +10,7 @@ leave the batch (the cache is compacted), so the rest decode faster. Sampling fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import queue
 import random
@@ -22,6 +23,7 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, KVCache
 from gptforge.sampling import choose_tokens, process_logits, row_settings
+from gptforge.sampling_defaults import SAMPLING_DEFAULTS, SamplingDefaults  # noqa: F401 (re-exported)
 from gptforge.tokenizer import IM_END, IM_START, Tokenizer
 
 CONTEXT_POLICIES = ("error", "slide")
@@ -29,7 +31,9 @@ CONTEXT_POLICIES = ("error", "slide")
 
 @dataclass
 class SamplingParams:
-    """How to continue a prompt. Defaults: plain sampling at temperature 1, 128 new tokens."""
+    """How to continue a prompt. Its own defaults are neutral (plain sampling at temperature 1, no filters or
+    penalties, as Hugging Face's ``generate``); what users get when they give nothing is
+    :data:`gptforge.sampling_defaults.SAMPLING_DEFAULTS`."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 → greedy
@@ -42,7 +46,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the tokenizer's EOT and <|im_end|>
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
-    logprobs: bool = False
+    logprobs: bool = False  # record each chosen token's log-probability
+    top_logprobs: int = 0  # and the most likely alternatives at each step (with logprobs)
 
     def validate(self) -> SamplingParams:
         """Raise :class:`GptforgeError` for values no sampler accepts."""
@@ -58,11 +63,16 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
              "seed must be an integer in [0, 2^63)"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise GptforgeError(f"invalid sampling setting: {message}")
         return self
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions
 
 
 @dataclass
@@ -74,10 +84,32 @@ class Completion:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     logprobs: list[float] | None = None  # log-probability of each chosen token under the model (unprocessed)
+    # per token, the ``top_logprobs`` most likely (token id, log-probability) pairs, most likely first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 OnToken = Callable[[int, int, str], "bool | None"]
 OnFinish = Callable[[int, "Completion"], None]
+OnLogprob = Callable[[int, int, float, "list[tuple[int, float]]"], None]
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The raw bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
+    if decode_bytes is not None:
+        return decode_bytes([token_id])
+    hf = getattr(tokenizer, "_tok", None)  # a byte-level HF BPE: map its piece back to bytes
+    piece = hf.id_to_token(token_id) if hf is not None and token_id not in tokenizer.special_tokens.values() else None
+    if piece and all(c in _byte_of() for c in piece):
+        return bytes(_byte_of()[c] for c in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of() -> dict[str, int]:
+    from gptforge.tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class _Row:
@@ -91,6 +123,7 @@ class _Row:
         self.limit = limit  # new tokens allowed (max_new_tokens, capped by the context)
         self.ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.text = ""  # decoded so far (only tracked when streaming or matching stop strings)
         self.emitted = 0  # characters of text already handed to on_token
         self.finish: str | None = None
@@ -164,11 +197,20 @@ class Engine:
         return ids[-keep:]
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text, for display only: generation uses :meth:`encode_chat` (text alone cannot say which
+        ``<|im_end|>`` is a turn marker and which one a user typed)."""
         from gptforge.chat_template import render_chat
 
         if not messages:
             raise GptforgeError("messages is empty; give at least one {'role': 'user', 'content': ...} message")
         return render_chat(messages, self.chat_template, add_generation_prompt=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a conversation, exactly as SFT encoded it (:func:`gptforge.data.chat.encode_chat_prompt`):
+        role markers are special tokens, message contents never are."""
+        from gptforge.data.chat import encode_chat_prompt
+
+        return encode_chat_prompt(messages, self.tokenizer)
 
     def chat_params(self, params: SamplingParams | None) -> SamplingParams:
         """Chat stops at end-of-turn; a tokenizer without chat tokens can only stop on their text."""
@@ -180,13 +222,16 @@ class Engine:
     # ---- public API ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 on_token: OnToken | None = None, on_finish: OnFinish | None = None) -> list[Completion]:
+                 on_token: OnToken | None = None, on_finish: OnFinish | None = None,
+                 on_logprob: OnLogprob | None = None) -> list[Completion]:
         """Continue every prompt; returns one :class:`Completion` per prompt, in order.
 
         ``params`` is one setting for all prompts (with ``seed`` s, row i is seeded s + i so identical prompts
         give different, reproducible samples) or a list with one per prompt (seeds used as given).
         ``on_token(index, token_id, text_delta)`` is called for every new token; returning False stops that row.
         ``on_finish(index, completion)`` is called as soon as a row is done (the server answers early finishers).
+        ``on_logprob(index, token_id, logprob, top)`` is called just before ``on_token`` for rows that asked for
+        ``logprobs`` (the server streams them).
         """
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             raise GptforgeError("generate() takes a list of prompts; wrap a single prompt in a list")
@@ -210,7 +255,7 @@ class Engine:
             self.model.eval()
             try:
                 for group in self._plan_batches(rows):
-                    self._decode(group, on_token, on_finish)
+                    self._decode(group, on_token, on_finish, on_logprob)
             finally:
                 self.model.train(was_training)
         return [self._completion(r) for r in rows]
@@ -254,14 +299,14 @@ class Engine:
     def chat(self, messages: list[dict], params: SamplingParams | None = None,
              on_token: OnToken | None = None) -> Completion:
         """Reply to a conversation rendered with the tokenizer's chat template (default ChatML)."""
-        return self.generate([self.render_chat(messages)], self.chat_params(params), on_token=on_token)[0]
+        return self.generate([self.encode_chat(messages)], self.chat_params(params), on_token=on_token)[0]
 
     def fit_messages(self, messages: list[dict], max_new_tokens: int) -> list[dict]:
         """Drop the oldest non-system turns until the rendered conversation leaves ``max_new_tokens`` of room."""
         messages = list(messages)
         budget = self.block_size - min(max_new_tokens, self.block_size // 2)
         while True:
-            n = len(self.encode_prompt(self.render_chat(messages)))
+            n = len(self.encode_chat(messages))
             droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
             if n <= budget or not droppable:
                 return messages
@@ -283,7 +328,8 @@ class Engine:
                 longest, budget = len(row.prompt), row.limit
         return groups
 
-    def _decode(self, rows: list[_Row], on_token: OnToken | None, on_finish: OnFinish | None = None) -> None:
+    def _decode(self, rows: list[_Row], on_token: OnToken | None, on_finish: OnFinish | None = None,
+                on_logprob: OnLogprob | None = None) -> None:
         device, model = self.device, self.model
         B = len(rows)
         P = max(len(r.prompt) for r in rows)
@@ -308,6 +354,7 @@ class Engine:
             counts = torch.zeros((B, vocab), dtype=torch.int32, device=device)
         generators = [self._generator(r.params.seed) if r.params.temperature > 0 else None for r in rows]
         want_logprobs = any(r.params.logprobs for r in rows)
+        top_n = max((r.params.top_logprobs for r in rows if r.params.logprobs), default=0)
 
         cache = KVCache(model.config, B, P + steps, device=device, dtype=self.dtype)
         logits = model(idx, attention_mask=mask[:, :P], kv_cache=cache, logits_to_keep=1)[0][:, -1]
@@ -315,15 +362,25 @@ class Engine:
         for step in range(steps):
             scores = process_logits(logits, settings, seen, counts)
             chosen = choose_tokens(scores, settings.greedy, [generators[a] for a in active])
-            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0] \
-                if want_logprobs else None
+            logprobs = top_ids = top_values = None
+            if want_logprobs:  # under the model's own distribution: log-softmax of the unprocessed logits
+                log_softmax = torch.log_softmax(logits.float(), dim=-1)
+                logprobs = log_softmax.gather(1, chosen[:, None])[:, 0].tolist()
+                if top_n:
+                    top = torch.topk(log_softmax, min(top_n, vocab), dim=-1)
+                    top_ids, top_values = top.indices.tolist(), top.values.tolist()
             chosen_list = chosen.tolist()
             keep = []
             for j, a in enumerate(active):
                 row, token = rows[a], chosen_list[j]
                 row.ids.append(token)
-                if logprobs is not None:
-                    row.logprobs.append(float(logprobs[j]))
+                if logprobs is not None and row.params.logprobs:
+                    k = row.params.top_logprobs
+                    top_row = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
+                    row.logprobs.append(logprobs[j])
+                    row.top_logprobs.append(top_row)
+                    if on_logprob is not None:
+                        on_logprob(row.index, token, logprobs[j], top_row)
                 self._advance(row, token, track_text, on_token)
                 if row.finish is None:
                     keep.append(j)
@@ -404,4 +461,5 @@ class Engine:
             ids = row.ids[:-1] if row.finish == "stop" and row.ids and row.ids[-1] in row.stop_ids else row.ids
             text = self.tokenizer.decode(ids)
         return Completion(prompt_ids=row.prompt, token_ids=row.ids, text=text, finish_reason=row.finish or "length",
-                          logprobs=row.logprobs if row.params.logprobs else None)
+                          logprobs=row.logprobs if row.params.logprobs else None,
+                          top_logprobs=row.top_logprobs if row.params.logprobs else None)

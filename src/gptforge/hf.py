@@ -15,7 +15,15 @@ import torch
 from gptforge.errors import GptforgeError
 from gptforge.io import read_json
 from gptforge.model import GPT, GPTConfig
-from gptforge.tokenizer import EOT, IM_START, PAD, BPETokenizer, TiktokenTokenizer, Tokenizer, bytes_to_unicode
+from gptforge.tokenizer import (
+    EOT,
+    IM_START,
+    PAD,
+    BPETokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    bytes_to_unicode,
+)
 
 # Hugging Face GPT-2 uses Conv1D (weight stored as in×out); these need a transpose.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -54,7 +62,7 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             continue
         out[name] = tensor.t().contiguous() if name.endswith(_CONV1D) else tensor.detach().clone()
     d = cfg.n_embd
-    zeros = lambda n: torch.zeros(n, dtype=ours["transformer.wte.weight"].dtype)  # noqa: E731
+    zeros = lambda n: torch.zeros(n, dtype=ours["transformer.wte.weight"].dtype)
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         wanted = {"ln_1.bias": d, "ln_2.bias": d, "attn.c_attn.bias": 3 * d, "attn.c_proj.bias": d,
@@ -113,7 +121,7 @@ def tiktoken_ranks_to_hf(ranks: dict[bytes, int], special_tokens: dict[str, int]
     from gptforge.tokenizer import GPT2_PATTERN
 
     byte_map = bytes_to_unicode()
-    to_str = lambda b: "".join(byte_map[x] for x in b)  # noqa: E731
+    to_str = lambda b: "".join(byte_map[x] for x in b)
     vocab = {to_str(tok): rank for tok, rank in ranks.items()}
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -213,7 +221,7 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if binf.is_file():
         try:  # weights_only: tensors and plain containers, never arbitrary pickled objects
             return torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or foreign files
+        except Exception as e:
             raise GptforgeError(f"cannot read {binf}: {type(e).__name__}: {' '.join(str(e).split())[:200]}; the "
                                 "file is damaged or holds more than tensors (only weights are loaded)") from None
     raise GptforgeError(f"{directory}: no model.safetensors or pytorch_model.bin")

@@ -212,7 +212,7 @@ class BPETokenizer(Tokenizer):
             raise GptforgeError(f"tokenizer {name!r} has no {EOT} special token; retrain it with one")
 
     @classmethod
-    def from_file(cls, path: str | Path, name: str | None = None) -> "BPETokenizer":
+    def from_file(cls, path: str | Path, name: str | None = None) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import sys
 
 from gptforge.commands import add_parser
-from gptforge.commands.generate import add_model_args, add_sampling_args, load_engine, sampling_from_args
+from gptforge.commands.generate import (
+    add_model_args,
+    add_sampling_args,
+    clean_text,
+    load_engine,
+    sampling_from_args,
+)
 
 HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
           /history (show the turns kept), /exit (or Ctrl-D)"""
@@ -23,9 +29,11 @@ def register(sub) -> None:
 def run(args) -> int:
     engine = load_engine(args)
     params = sampling_from_args(args)
-    system = args.system
+    system = clean_text(args.system, "--system") if args.system else None
     history: list[dict] = []
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not a traceback
+        sys.stdin.reconfigure(errors="replace")
     if interactive:
         print(f"chatting with {args.checkpoint} (context {engine.block_size} tokens). {HELP}")
     if interactive:
@@ -47,6 +55,7 @@ def run(args) -> int:
             text = line.rstrip("\n")
         if not text.strip():
             continue
+        text = clean_text(text, "input")
         if text.startswith("/"):
             command, _, rest = text.partition(" ")
             if command in ("/exit", "/quit"):

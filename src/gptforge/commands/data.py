@@ -144,7 +144,8 @@ def run_list(args) -> int:
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        where = r["local"] or f"(not local: {r['source']})"
+        where = r["local"] or (f"(embedded in the package: {r['embedded']})" if r.get("embedded")
+                               else f"(not local: {r['source']})")
         print(f"{r['name']:<{width}}  {r['description']}\n{'':<{width}}  {where}")
     return 0
 

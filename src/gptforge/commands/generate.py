@@ -7,10 +7,7 @@ import json
 import sys
 
 from gptforge.commands import add_parser, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
-
-# Seeds 000-002 sample with top-p 0.95 and a repetition penalty of 1.1: greedy decoding of a small base
-# model loops, so the command line samples by default (--greedy switches it off).
-DEFAULTS = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+from gptforge.sampling_defaults import SAMPLING_DEFAULTS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,17 +20,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
-    g.add_argument("--temperature", type=nonneg_float, default=DEFAULTS["temperature"], help="0 = greedy")
+    d = SAMPLING_DEFAULTS  # the one set of defaults, shared with `gptforge serve` and its web page
+    g = p.add_argument_group(
+        "sampling", f"defaults (shared by generate, chat, serve and the web page): temperature {d.temperature}, "
+                    f"top-p {d.top_p}, repetition penalty {d.repetition_penalty}. --greedy / --temperature 0 is "
+                    "plain argmax, as Hugging Face's generate(do_sample=False): no penalty unless you give one.")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
+    # None = not given: the shared defaults apply (and greedy keeps its penalties off)
+    g.add_argument("--temperature", type=nonneg_float, default=None, help=f"0 = greedy (default: {d.temperature})")
     g.add_argument("--greedy", action="store_true", help="same as --temperature 0 (deterministic; small models loop)")
-    g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
-    g.add_argument("--repetition-penalty", type=positive_float, default=DEFAULTS["repetition_penalty"],
-                   help="HF semantics; 1 = off")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics, -2..2")
+    g.add_argument("--top-k", type=nonneg_int, default=None, help=f"keep the k most likely tokens (default: {d.top_k} = off)")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass, 1 = off (default: {d.top_p})")
+    g.add_argument("--min-p", type=float, default=None,
+                   help=f"drop tokens below min_p × the top probability (default: {d.min_p})")
+    g.add_argument("--repetition-penalty", type=positive_float, default=None,
+                   help=f"HF semantics, 1 = off (default: {d.repetition_penalty}; off under --greedy unless given)")
+    g.add_argument("--presence-penalty", type=float, default=None,
+                   help=f"OpenAI semantics, -2..2 (default: {d.presence_penalty})")
+    g.add_argument("--frequency-penalty", type=float, default=None,
+                   help=f"OpenAI semantics, -2..2 (default: {d.frequency_penalty})")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--seed", type=seed_int, default=None, help="makes sampling reproducible")
 
@@ -44,15 +49,26 @@ def unescape(text: str) -> str:
 
 
 def sampling_from_args(args):
-    from gptforge.engine import SamplingParams
-
-    return SamplingParams(
+    """The flags the user gave over :data:`gptforge.sampling_defaults.SAMPLING_DEFAULTS`."""
+    return SAMPLING_DEFAULTS.params(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        stop_strings=[unescape(s) for s in args.stop], seed=args.seed,
+        stop_strings=[clean_text(unescape(s), "--stop") for s in args.stop], seed=args.seed,
         logprobs=getattr(args, "logprobs", False),
     ).validate()
+
+
+def clean_text(text: str, where: str) -> str:
+    """``text`` with lone surrogates (from JSON escapes or undecodable arguments) replaced by U+FFFD, said once
+    on stderr: the same rule as ``data prepare`` and the server."""
+    from gptforge.tokenizer import replace_surrogates
+
+    fixed = replace_surrogates(text)
+    if fixed is not text:
+        count = sum(1 for ch in text if "\ud800" <= ch <= "\udfff")
+        print(f"gptforge: {where}: replaced {count} lone surrogate(s) with U+FFFD", file=sys.stderr)
+    return fixed
 
 
 def load_engine(args):
@@ -117,6 +133,7 @@ def run(args) -> int:
     from gptforge.errors import GptforgeError
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    prompts = [clean_text(p, f"prompt {i}") for i, p in enumerate(prompts)]
     if not prompts:
         raise GptforgeError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
     if args.batch_size < 1 or args.num_samples < 1:

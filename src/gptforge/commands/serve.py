@@ -6,6 +6,7 @@ import sys
 
 from gptforge.commands import add_parser, port_number, positive_float, positive_int
 from gptforge.commands.generate import add_model_args
+from gptforge.sampling_defaults import SAMPLING_DEFAULTS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -22,7 +23,13 @@ def register(sub) -> None:
     p.add_argument("--max-pending", type=positive_int, default=64, help="requests queued or running before 429")
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together")
     p.add_argument("--max-tokens-limit", type=positive_int, default=None, help="largest max_tokens (default: the context)")
-    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request, queueing included")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
+                   help="seconds per request, queueing included; a stream cut by it ends with an error event "
+                        "whose code is 'timeout' (default: 120)")
+    d = SAMPLING_DEFAULTS
+    p.description += (f"\n\nsampling fields a request omits take the defaults shared with generate, chat and the web "
+                      f"page: temperature {d.temperature}, top_p {d.top_p}, repetition_penalty {d.repetition_penalty}"
+                      "; temperature 0 is plain argmax (no penalty unless the request gives one).")
     p.set_defaults(func=run)
 
 

@@ -8,14 +8,24 @@ batches by padding or packing (:mod:`gptforge.data.batching`).
 Formats: ``alpaca`` (instruction, input, output), ``dolly`` (instruction, context, response), ``sharegpt``
 (conversations: [{from, value}]) and ``messages`` (OpenAI style: messages: [{role, content}]).
 
+Tool calling (format and template layout: :mod:`gptforge.tools`): ``sharegpt`` records as LLaMA-Factory writes them
+(roles ``human``/``gpt``/``function_call``/``observation``; a ``function_call`` value is the JSON of
+``{"name", "arguments"}`` or a list of them; optional top-level ``system`` and ``tools``, the latter a JSON string or
+a list of function schemas), and ``messages`` records as OpenAI writes them (assistant ``tool_calls: [{id, type,
+function: {name, arguments}}]`` with arguments a JSON string or an object, ``{"role": "tool", "tool_call_id",
+"content"}`` results, a top-level ``tools`` list). A conversation's messages are then ``{"role": "system" | "user" |
+"assistant" | "tool", "content": str}``, an assistant's calls under ``tool_calls`` (arguments as canonical JSON
+text), and :attr:`Conversation.tools` holds the schemas in OpenAI's form.
+
 Prompt styles, both Jinja templates so the checkpoint can carry them: ``chat`` (the ChatML template of
 :mod:`gptforge.chat_template`, end of turn ``<|im_end|>``, needs the chat tokens in the vocabulary) and
 ``alpaca`` (the text template of Raschka's book for GPT-2 without new tokens; end of turn ``<|endoftext|>``).
 
 Masking: a conversation is rendered message by message (the template must render a prefix of the messages
 as a prefix of the text). The tokens of an assistant turn after its header, up to and including the
-end-of-turn token, are supervised; all others get -100. Message contents are tokenized with special tokens
-disabled, so a user who types ``<|im_end|>`` cannot forge a turn boundary.
+end-of-turn token, are supervised (its ``<tool_call>`` blocks included); all others get -100 (tool results
+included). Message contents, tool-call names and arguments and tool schemas are tokenized with special tokens
+disabled, so a user (or a tool) who types ``<|im_end|>`` cannot forge a turn boundary.
 """
 
 from __future__ import annotations
@@ -23,10 +33,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptforge.chat_template import default_template, render_chat
+from gptforge.chat_template import content_text, default_template, render_chat
 from gptforge.data.batching import (  # noqa: F401  (re-exported: SFT batches are part of this module's API)
     Batch,
     Example,
@@ -41,6 +51,14 @@ from gptforge.errors import GptforgeError
 from gptforge.io import iter_jsonl
 from gptforge.model import IGNORE_INDEX
 from gptforge.tokenizer import EOT, IM_END, IM_START, Tokenizer
+from gptforge.tools import (
+    dumps,
+    format_tool_calls,
+    message_tool_fields,
+    normalize_tool_calls,
+    normalize_tools,
+    supports_tools,
+)
 
 FORMATS = ("alpaca", "dolly", "sharegpt", "messages")
 STYLES = ("chat", "alpaca")
@@ -66,8 +84,8 @@ ALPACA_TEMPLATE = (
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                   "system": "system"}
-_ROLES = ("system", "user", "assistant")
+                   "system": "system", "observation": "tool", "tool": "tool", "function": "tool"}
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -105,7 +123,8 @@ class Conversation:
     index: int  # record index in its source (for error messages)
     instruction: str = ""
     input: str = ""
-    reference: str = ""  # the last assistant answer
+    reference: str = ""  # the last assistant answer (its text, then its tool calls as the template writes them)
+    tools: list[dict] = field(default_factory=list)  # tool schemas, OpenAI form (gptforge.tools.normalize_tools)
 
 
 # ---- loading records ---------------------------------------------------------------------------------------
@@ -137,7 +156,7 @@ def load_records(source: str | Path, hub_split: str = "train") -> list[dict]:
                             "'gptforge[data]'") from None
     try:
         ds = datasets.load_dataset(str(source), split=hub_split)
-    except Exception as e:  # noqa: BLE001 -- network, unknown name, missing split: one line for the user
+    except Exception as e:
         raise GptforgeError(f"cannot load hub dataset {source!r} (split {hub_split!r}): {e}; "
                             "check the name and your network, or pass a local file") from None
     return [dict(r) for r in ds]
@@ -239,24 +258,65 @@ def to_conversation(record: dict, fmt: str, index: int) -> Conversation:
     if not isinstance(turns, list) or not turns:
         raise GptforgeError(f"record {index}: expected a non-empty list under "
                             f"{'conversations' if fmt == 'sharegpt' else 'messages'}")
+    tools = normalize_tools(record.get("tools"), f"record {index}: tools")
     messages = []
+    system = record.get("system")  # LLaMA-Factory's optional system column
+    if isinstance(system, str) and system.strip() and fmt == "sharegpt":
+        messages.append({"role": "system", "content": system.strip()})
     for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise GptforgeError(f"record {index}, turn {t}: expected {{{role_key!r}, {content_key!r}}}, got {turn!r}")
-        raw_role = str(turn[role_key]).lower()
-        role = _SHAREGPT_ROLES.get(raw_role) if fmt == "sharegpt" else raw_role
+        where = f"record {index}, turn {t}"
+        rk, ck = role_key, content_key
+        if isinstance(turn, dict) and rk not in turn and ("role" if rk == "from" else "from") in turn:
+            rk, ck = ("role", "content") if rk == "from" else ("from", "value")  # the other layout's turn keys
+        calls_only = isinstance(turn, dict) and turn.get(ck) is None and (
+            turn.get("tool_calls") or turn.get("function_call"))
+        if not isinstance(turn, dict) or rk not in turn or (ck not in turn and not calls_only):
+            raise GptforgeError(f"{where}: expected {{{role_key!r}, {content_key!r}}}, got {turn!r}")
+        raw_role = str(turn[rk]).lower()
+        if raw_role == "function_call":  # LLaMA-Factory: the value is the call (or a list of calls) as JSON
+            calls = normalize_tool_calls(turn[ck], f"{where}: function_call")
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and "tool_calls" not in previous:
+                previous["tool_calls"] = calls  # text, then the call: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        role = _SHAREGPT_ROLES.get(raw_role)
         if role not in _ROLES:
-            raise GptforgeError(f"record {index}, turn {t}: unknown role {turn[role_key]!r} "
-                                f"(expected system, user or assistant)")
-        content = turn[content_key]
-        if not isinstance(content, str):
-            raise GptforgeError(f"record {index}, turn {t}: content must be a string, got {type(content).__name__}")
-        messages.append({"role": role, "content": content.strip()})
+            expected = ("human, gpt, system, function_call or observation" if fmt == "sharegpt"
+                        else "system, user, assistant or tool")
+            raise GptforgeError(f"{where}: unknown role {turn[rk]!r} (expected {expected})")
+        raw_content = turn.get(ck)
+        if raw_content is None:
+            content = ""
+        elif role == "tool":
+            content = _tool_result_text(raw_content, f"{where}: {ck}")
+        else:
+            content = content_text(raw_content, f"{where}: {ck}")
+        message = {"role": role, "content": content.strip()}
+        if role == "assistant" and isinstance(turn.get("function_call"), dict) and not turn.get("tool_calls"):
+            turn = {**turn, "tool_calls": [turn["function_call"]]}  # OpenAI's deprecated single call
+        message.update(message_tool_fields({**turn, "role": role}, where))
+        messages.append(message)
     _check_turns(messages, index)
     last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     last_user = max((i for i, m in enumerate(messages[:last_answer]) if m["role"] == "user"), default=None)
     instruction = messages[last_user]["content"] if last_user is not None else ""
-    return Conversation(messages, index, instruction, "", messages[last_answer]["content"])
+    return Conversation(messages, index, instruction, "", _answer_text(messages[last_answer]), tools)
+
+
+def _tool_result_text(content, where: str) -> str:
+    """A tool result as text: a string or text parts as usual; a structured result (an object, a number) as JSON."""
+    try:
+        return content_text(content, where)
+    except GptforgeError:
+        return dumps(content)
+
+
+def _answer_text(message: dict) -> str:
+    """An assistant turn as the template writes it: its text, then its calls."""
+    calls = format_tool_calls(message["tool_calls"]) if message.get("tool_calls") else ""
+    return "\n".join(part for part in (message["content"], calls) if part)
 
 
 def _check_turns(messages: list[dict], index: int) -> None:
@@ -268,8 +328,12 @@ def _check_turns(messages: list[dict], index: int) -> None:
                             "system message)")
     if not any(m["role"] == "assistant" for m in body):
         raise GptforgeError(f"record {index}: no assistant turn, so nothing to learn from")
-    if any(m["role"] == "assistant" and not m["content"] for m in body):
+    if any(m["role"] == "assistant" and not m["content"] and not m.get("tool_calls") for m in body):
         raise GptforgeError(f"record {index}: an assistant turn is empty")
+    for k, m in enumerate(body):
+        if m["role"] == "tool" and (k == 0 or not (body[k - 1]["role"] == "tool" or body[k - 1].get("tool_calls"))):
+            raise GptforgeError(f"record {index}: a tool result (observation) must follow an assistant tool call "
+                                "(function_call) or another tool result")
 
 
 def to_conversations(records: Iterable[dict], fmt: str = "auto", skip_bad: bool = False,
@@ -297,39 +361,69 @@ def to_conversations(records: Iterable[dict], fmt: str = "auto", skip_bad: bool 
 
 # ---- conversations → ids + labels --------------------------------------------------------------------------
 
-_PLACEHOLDER = re.compile("\x00(\\d+)([ci])\x00")
+# \x00 <message or tool index> <kind> [<call index>] \x00; kinds: c content, i input, n call name, a call arguments,
+# t tool schema
+_PLACEHOLDER = re.compile("\x00(\\d+)([cinat])(\\d*)\x00")
 
 
 def _placeholders(messages: list[dict]) -> list[dict]:
-    """Messages whose texts are replaced by markers, so rendered template text and content can be told apart."""
+    """Messages whose texts are replaced by markers, so rendered template text and content can be told apart.
+
+    An empty content stays empty (templates test it: ``{% if message['content'] %}``); tool calls keep their
+    structure with markers for the name and the arguments (JSON text, which the template writes as it is)."""
     out = []
     for i, m in enumerate(messages):
-        ph = {"role": m["role"], "content": f"\x00{i}c\x00"}
+        ph = {"role": m["role"], "content": f"\x00{i}c\x00" if m["content"] else ""}
         if m.get("input"):
             ph["input"] = f"\x00{i}i\x00"
+        if m.get("tool_calls"):
+            ph["tool_calls"] = [{"type": "function", "function": {"name": f"\x00{i}n{j}\x00",
+                                                                  "arguments": f"\x00{i}a{j}\x00"}}
+                                for j in range(len(m["tool_calls"]))]
         out.append(ph)
     return out
 
 
-def _render_regions(messages: list[dict], style: PromptStyle, add_generation_prompt: bool
-                    ) -> list[tuple[str, bool, int]]:
+def _tool_texts(tools) -> list[str]:
+    """Tool schemas (any form :func:`gptforge.tools.normalize_tools` takes) as the JSON texts the template lists;
+    a list of strings is taken as such texts already."""
+    if not tools:
+        return []
+    if isinstance(tools, (list, tuple)) and all(isinstance(t, str) for t in tools):
+        return list(tools)
+    return [dumps(t) for t in normalize_tools(tools)]
+
+
+def _tool_placeholders(tools: list[str]) -> list[str]:
+    return [f"\x00{j}t\x00" for j in range(len(tools))]
+
+
+def _check_tool_support(messages: list[dict], tools: list[str], style: PromptStyle) -> None:
+    if (tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)) \
+            and not supports_tools(style.template):
+        raise GptforgeError(f"the {style.name!r} prompt style's template cannot render tools, tool calls or tool "
+                            "results; use the chat style (gptforge's ChatML template renders them)")
+
+
+def _render_regions(messages: list[dict], style: PromptStyle, add_generation_prompt: bool,
+                    tools: list[str] = ()) -> list[tuple[str, bool, int]]:
     """The rendered conversation as ``(text_with_markers, supervised, message_index)`` regions.
 
     A message's region is what rendering it adds to the text of the messages before it. An assistant region is
     split into its header (what the generation prompt adds), the supervised answer up to and including the
     end-of-turn token, and any trailing text.
     """
-    ph = _placeholders(messages)
+    ph, tph = _placeholders(messages), _tool_placeholders(tools)
     regions: list[tuple[str, bool, int]] = []
     previous = ""
     for k in range(len(ph)):
-        text = render_chat(ph[: k + 1], style.template)
+        text = render_chat(ph[: k + 1], style.template, tools=tph)
         if not text.startswith(previous):
             raise GptforgeError(f"the {style.name} template does not render conversations incrementally "
                                 f"(message {k} changes earlier text); masks cannot be computed")
         delta = text[len(previous):]
         if ph[k]["role"] == "assistant":
-            prompt = render_chat(ph[:k], style.template, add_generation_prompt=True) if k else ""
+            prompt = render_chat(ph[:k], style.template, add_generation_prompt=True, tools=tph) if k else ""
             header = prompt[len(previous):]
             if not delta.startswith(header):
                 raise GptforgeError(f"the {style.name} template's generation prompt {header!r} does not start "
@@ -345,20 +439,28 @@ def _render_regions(messages: list[dict], style: PromptStyle, add_generation_pro
             regions.append((delta, False, k))
         previous = text
     if add_generation_prompt:
-        text = render_chat(ph, style.template, add_generation_prompt=True)
+        text = render_chat(ph, style.template, add_generation_prompt=True, tools=tph)
         regions.append((text[len(previous):], False, len(ph)))
     return [r for r in regions if r[0]]
 
 
-def _encode_region(text: str, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
-    """Template text with special tokens enabled; message texts (the markers) with special tokens disabled."""
+def _encode_region(text: str, messages: list[dict], tokenizer: Tokenizer, tools: list[str] = ()) -> list[int]:
+    """Template text with special tokens enabled; message texts, tool calls and tool schemas (the markers) with
+    special tokens disabled."""
     ids: list[int] = []
     pos = 0
     for match in _PLACEHOLDER.finditer(text):
         if match.start() > pos:
             ids += tokenizer.encode(text[pos:match.start()], allow_special=True)
-        m = messages[int(match.group(1))]
-        ids += tokenizer.encode(m["content"] if match.group(2) == "c" else m["input"], allow_special=False)
+        n, kind = int(match.group(1)), match.group(2)
+        if kind == "t":
+            value = tools[n]
+        elif kind in "na":
+            fn = messages[n]["tool_calls"][int(match.group(3))]["function"]
+            value = fn["name"] if kind == "n" else fn["arguments"]
+        else:
+            value = messages[n]["content"] if kind == "c" else messages[n]["input"]
+        ids += tokenizer.encode(value, allow_special=False)
         pos = match.end()
     if pos < len(text):
         ids += tokenizer.encode(text[pos:], allow_special=True)
@@ -374,29 +476,79 @@ def check_style_tokens(tokenizer: Tokenizer, style: PromptStyle) -> None:
 
 
 def encode_conversation(messages: list[dict], tokenizer: Tokenizer, style: PromptStyle,
-                        train_on: str = "all", index: int = -1) -> Example:
-    """Token ids of the whole conversation and labels: assistant answers (all, or only the ``last``) plus their
-    end-of-turn token are supervised; everything else is -100."""
+                        train_on: str = "all", index: int = -1, tools: list | None = None) -> Example:
+    """Token ids of the whole conversation and labels: assistant answers (all, or only the ``last``; text and tool
+    calls) plus their end-of-turn token are supervised; everything else (tool results too) is -100. ``tools``: the
+    conversation's tool schemas (:attr:`Conversation.tools`)."""
     if train_on not in ("all", "last"):
         raise GptforgeError(f"train_on must be 'all' or 'last', got {train_on!r}")
     messages = style.messages_for(messages)
-    regions = _render_regions(messages, style, add_generation_prompt=False)
+    tools = _tool_texts(tools)
+    _check_tool_support(messages, tools, style)
+    regions = _render_regions(messages, style, add_generation_prompt=False, tools=tools)
     last_answer = max((k for _, sup, k in regions if sup), default=-1)
     ids: list[int] = []
     labels: list[int] = []
     for text, supervised, k in regions:
-        piece = _encode_region(text, messages, tokenizer)
+        piece = _encode_region(text, messages, tokenizer, tools)
         ids += piece
         keep = supervised and (train_on == "all" or k == last_answer)
         labels += piece if keep else [IGNORE_INDEX] * len(piece)
     return Example(ids, labels, index)
 
 
-def encode_prompt(messages: list[dict], tokenizer: Tokenizer, style: PromptStyle) -> list[int]:
-    """Token ids of ``messages`` plus the assistant header: exactly the prefix the model saw in training."""
+def encode_prompt(messages: list[dict], tokenizer: Tokenizer, style: PromptStyle,
+                  tools: list | None = None) -> list[int]:
+    """Token ids of ``messages`` (and ``tools``) plus the assistant header: exactly the prefix the model saw in
+    training."""
     messages = style.messages_for(messages)
-    regions = _render_regions(messages, style, add_generation_prompt=True)
-    return [t for text, _, _ in regions for t in _encode_region(text, messages, tokenizer)]
+    tools = _tool_texts(tools)
+    _check_tool_support(messages, tools, style)
+    regions = _render_regions(messages, style, add_generation_prompt=True, tools=tools)
+    return [t for text, _, _ in regions for t in _encode_region(text, messages, tokenizer, tools)]
+
+
+def style_for(tokenizer: Tokenizer) -> PromptStyle:
+    """The prompt style a checkpoint was fine-tuned with, from its tokenizer's template (default: ChatML)."""
+    template = tokenizer.chat_template or default_template()
+    if IM_END in template:
+        return PromptStyle("chat", template, IM_END, (IM_START, IM_END))
+    return PromptStyle("custom", template, EOT, (), merge_input=False)  # e.g. alpaca: turns end with EOT
+
+
+def encode_chat_prompt(messages: list[dict], tokenizer: Tokenizer, style: PromptStyle | None = None,
+                       tools: list | None = None) -> list[int]:
+    """The one way inference turns messages into a prompt: exactly SFT's encoding (:func:`encode_prompt`).
+
+    The template renders the structure (role markers become special tokens); message contents are encoded with
+    special tokens disabled, so text such as ``<|im_end|>\\n<|im_start|>assistant`` inside a message stays text
+    and cannot forge a turn. A template that does not render incrementally is rendered once, with the same rule.
+    Messages may carry OpenAI tool calls (assistant ``tool_calls``, ``tool`` results); ``tools`` are the schemas
+    offered to the model (:mod:`gptforge.tools`).
+    """
+    style = style or style_for(tokenizer)
+    if not messages:
+        raise GptforgeError("messages is empty; give at least one {'role': 'user', 'content': ...} message")
+    messages = [_prompt_message(m, i) if isinstance(m, dict) else m for i, m in enumerate(messages)]
+    tools = _tool_texts(tools)
+    _check_tool_support([m for m in messages if isinstance(m, dict)], tools, style)
+    try:
+        return encode_prompt(messages, tokenizer, style, tools)
+    except GptforgeError:
+        messages = style.messages_for(messages)
+        text = render_chat(_placeholders(messages), style.template, add_generation_prompt=True,
+                           tools=_tool_placeholders(tools))
+        return _encode_region(text, messages, tokenizer, tools)
+
+
+def _prompt_message(m: dict, i: int) -> dict:
+    """One inference message: content as text (None is allowed beside tool calls), tool calls normalized."""
+    where = f"messages[{i}]"
+    if m.get("content") is None and (m.get("tool_calls") or m.get("role") == "tool"):
+        content = ""
+    else:
+        content = content_text(m.get("content"), f"{where}.content")
+    return {**m, "content": content, **message_tool_fields(m, where)}
 
 
 def prompt_messages(conversation: Conversation) -> list[dict]:
@@ -441,7 +593,7 @@ def encode_dataset(conversations: list[Conversation], tokenizer: Tokenizer, styl
     stats = EncodeStats(total=len(conversations))
     examples: list[Example] = []
     for conv in tqdm(conversations, desc=desc, unit="ex", disable=not progress, mininterval=1.0):
-        ex = encode_conversation(conv.messages, tokenizer, style, train_on, conv.index)
+        ex = encode_conversation(conv.messages, tokenizer, style, train_on, conv.index, conv.tools)
         if len(ex.ids) > max_len + 1:  # inputs are ids[:-1], targets ids[1:]
             if overlength == "drop":
                 stats.dropped_too_long += 1

@@ -69,7 +69,7 @@ def _hub_records(name: str, split: str, config: str | None = None) -> list[tuple
         raise GptforgeError(f"loading {name!r} from the Hub needs the data extra: pip install 'gptforge[data]'") from None
     try:
         ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for network and name errors
+    except Exception as e:
         raise GptforgeError(f"cannot load {name} ({config or 'default'}, {split}) from the Hub: {e}; "
                             "pass a local jsonl file instead") from None
     return [(i, dict(r)) for i, r in enumerate(ds)]

@@ -3,27 +3,48 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` → server-sent events),
 ``GET /v1/models``, ``GET /health``. Every user mistake is a 4xx with an OpenAI-style error object
 (``{"error": {"message", "type", "param", "code"}}``); a full queue is 429; a request past its timeout is 408.
+A stream that cannot finish (past its timeout, or cancelled because the server stops) ends, as OpenAI's streams
+do on a mid-stream error, with an event ``data: {"error": {..., "code": "timeout" | "cancelled"}}`` before
+``data: [DONE]``; its cut choices get no ``finish_reason`` chunk (``stop``/``length`` always mean finished).
+
+Request text is sanitised once, at the boundary: lone surrogates (JSON ``"\\ud800"``) become U+FFFD and are
+counted (header ``X-Replaced-Surrogates``, ``/health``). Parsing, tokenizing and chat-template rendering run on
+preparation threads, never on the event loop, after admission (the ``max_pending`` and byte budgets).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import json
 import math
 import os
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from gptforge.engine import Completion, Engine, SamplingParams
+from gptforge.chat_template import content_text, render_time_limit
+from gptforge.engine import (
+    MAX_TOP_LOGPROBS,
+    SAMPLING_DEFAULTS,
+    Completion,
+    Engine,
+    SamplingParams,
+    token_bytes,
+)
 from gptforge.errors import GptforgeError
-from gptforge.serve.scheduler import Job, Scheduler
+from gptforge.serve.scheduler import Job, Scheduler, TextTokens
+from gptforge.tokenizer import replace_surrogates
+from gptforge.tools import ToolCallMissing, ToolError, message_tool_fields, parse_tool_request
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -36,6 +57,10 @@ class ServerSettings:
     max_n: int = 8
     timeout_s: float = 120.0  # per request, queueing included
     max_body_bytes: int = 1_000_000
+    max_prepare_bytes: int = 32_000_000  # bodies admitted but not yet tokenized; more → 429
+    prepare_workers: int = 2  # threads that parse, tokenize and render requests (off the event loop)
+    template_timeout_s: float = 3.0  # chat-template rendering budget per request
+    max_messages: int = 256  # a conversation is rendered once per message
 
 
 class ApiError(Exception):
@@ -46,10 +71,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 # ---- request validation ------------------------------------------------------------------------------------
@@ -105,7 +132,10 @@ class Api:
         self.settings = settings
         self.context = engine.block_size
         self.max_tokens_limit = settings.max_tokens_limit or self.context
-        self.scheduler = Scheduler(engine, settings.max_pending, settings.max_batch_rows)
+        self.scheduler = Scheduler(engine, settings.max_pending, settings.max_batch_rows, settings.max_prepare_bytes)
+        self.executor = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="gptforge-prepare")
+        self.replaced_surrogates = 0  # lone surrogates replaced in request bodies since start
+        self._max_token_bytes: int | None = None
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -127,34 +157,99 @@ class Api:
             max_tokens = min(default_max_tokens, self.context - prompt_len)
         n = _integer(body, "n", 1, 1, self.settings.max_n)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
-        logprobs = body.get("logprobs")
-        params = SamplingParams(
+        if "messages" in body:  # chat: logprobs true/false, top_logprobs 0..20 alternatives per token
+            logprobs = _flag(body, "logprobs")
+            top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+            if top and not logprobs:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        else:  # legacy completions: logprobs = how many alternatives (0..5), null = none
+            top = _integer(body, "logprobs", None, 0, 5)
+            logprobs = top is not None
+            if logprobs and _flag(body, "echo"):
+                raise ApiError(400, "'echo' with 'logprobs' (scoring the prompt) is not supported; use "
+                                    "'gptforge eval' to score text", "logprobs", "invalid_value")
+        top_p = _number(body, "top_p", None, 0.0, 1.0)
+        # Fields the request omits take the one set of defaults (gptforge.sampling_defaults), as the CLI and the
+        # web page do; temperature 0 is plain argmax unless a penalty is given.
+        params = SAMPLING_DEFAULTS.params(
             max_new_tokens=max_tokens,
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
-            top_k=_integer(body, "top_k", 0, 0, self.engine.model.config.vocab_size) or 0,
-            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
-            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            temperature=_number(body, "temperature", None, 0.0, 2.0),
+            top_p=1e-9 if top_p == 0 else top_p,
+            top_k=_integer(body, "top_k", None, 0, self.engine.model.config.vocab_size),
+            min_p=_number(body, "min_p", None, 0.0, 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", None, 0.01, 10.0),
+            presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),
             stop_strings=_stop(body),
-            seed=seed,
-            logprobs=bool(logprobs) and not isinstance(logprobs, str),
+            seed=None if seed is None else seed % 2**63,  # OpenAI takes any int64; generators take [0, 2^63)
+            logprobs=logprobs,
+            top_logprobs=top or 0,
         )
+        try:
+            params.validate()
+        except GptforgeError as e:
+            raise ApiError(400, str(e), None, "invalid_value") from None
         return params, n
 
     def per_row(self, params: SamplingParams, n: int) -> list[SamplingParams]:
         """``n`` choices differ from each other but are reproducible under a seed."""
         import dataclasses
 
-        return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + k) for k in range(n)]
+        return [dataclasses.replace(params, seed=None if params.seed is None else (params.seed + k) % 2**63)
+                for k in range(n)]
+
+    def busy_error(self) -> ApiError:
+        return ApiError(429, f"The server is busy ({self.settings.max_pending} requests queued or running, or "
+                             f"{self.settings.max_prepare_bytes:,} bytes of requests being read); retry shortly",
+                        None, "server_busy", type="rate_limit_error")
+
+    def admit(self, request: Request, cost: int) -> Job:
+        """Count a request against the limits before any work is spent on it (429 when full); the job is
+        queued by :meth:`run`, or freed by the middleware when the request ends without one."""
+        job = Job(deadline=time.monotonic() + self.settings.timeout_s, loop=asyncio.get_running_loop())
+        if not self.scheduler.admit(job, cost):
+            raise self.busy_error()
+        request.state.job = job
+        return job
+
+    async def offload(self, fn, *args):
+        """Run CPU work (parsing, tokenizing, rendering) on a preparation thread, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def render(self, messages: list, fn):
+        """Run ``fn()`` (chat-template rendering and tokenizing of ``messages``) off the event loop, within the
+        per-request template budget (a template that loops is stopped: 400 naming it)."""
+        if len(messages) > self.settings.max_messages:
+            raise ApiError(400, f"'messages' has {len(messages)} messages; this server takes at most "
+                                f"{self.settings.max_messages}", "messages", "invalid_value")
+
+        def timed():
+            self.check_size([m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
+            with render_time_limit(self.settings.template_timeout_s):
+                return fn()
+        return await self.offload(timed)
+
+    def check_size(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenizing, text whose size alone proves it exceeds the context (no token is longer
+        than the vocabulary's longest): a 1 MB prompt for a 1,024-token model costs no tokenizer time."""
+        if self._max_token_bytes is None:
+            tok = self.engine.tokenizer
+            self._max_token_bytes = max(len(token_bytes(tok, i)) for i in range(tok.vocab_size)) or 1
+        size = sum(len(t.encode("utf-8")) for t in texts)
+        if size // self._max_token_bytes >= self.context:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the prompt has "
+                                f"at least {size // self._max_token_bytes} tokens ({size:,} bytes); shorten it",
+                           param, "context_length_exceeded")
 
     async def run(self, request: Request, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
-        job = Job(prompts=prompts, params=params, deadline=time.monotonic() + self.settings.timeout_s,
-                  loop=asyncio.get_running_loop())
-        if not self.scheduler.submit(job):
-            raise ApiError(429, f"The server is busy ({self.settings.max_pending} requests queued or running); "
-                                "retry shortly", None, "server_busy", type="rate_limit_error")
+        job = getattr(request.state, "job", None)
+        if job is None:  # not admitted yet (a route that read no body)
+            job = self.admit(request, 0)
+        job.prompts, job.params = prompts, params
+        if job.should_stop():
+            raise self.timeout_error() if job.timed_out else self.cancelled_error()
+        if not self.scheduler.enqueue(job):
+            raise self.cancelled_error()
         return job
 
     async def wait(self, request: Request, job: Job) -> list[Completion]:
@@ -169,8 +264,8 @@ class Api:
                         raise ApiError(499, "client closed the request", code="client_closed")
                     continue
                 if event[0] == "done":
-                    if event[1] is None or job.timed_out:
-                        raise self.timeout_error()
+                    if _cut(event[1]):
+                        raise self.timeout_error() if job.timed_out else self.cancelled_error()
                     return event[1]
                 if event[0] == "error":
                     raise ApiError(500, f"generation failed: {event[1]}", type="server_error", code="engine_error")
@@ -179,32 +274,59 @@ class Api:
 
     def timeout_error(self) -> ApiError:
         return ApiError(408, f"The request took longer than the server's timeout of {self.settings.timeout_s:g}s; "
-                             "ask for fewer tokens or retry later", None, "timeout")
+                             "ask for fewer tokens or retry later", None, "timeout", type="timeout_error")
+
+    def cancelled_error(self) -> ApiError:
+        return ApiError(503, "The request was cancelled before it finished (the server is stopping); retry",
+                        None, "cancelled", type="server_error")
+
+
+def _cut(results: list[Completion] | None) -> bool:
+    """A job that did not finish: never started (timed out or cancelled while queued), or rows cut short."""
+    return results is None or any(c.finish_reason == "cancelled" for c in results)
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else -9999.0  # OpenAI's stand-in for -inf; JSON has no infinities
 
 
 def _logprobs_completions(engine: Engine, c: Completion) -> dict | None:
-    if c.logprobs is None:
-        return None
-    tokens = [engine.tokenizer.decode([t]) for t in c.token_ids]
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": c.logprobs, "top_logprobs": None, "text_offset": offsets}
+    """Legacy completions ``logprobs`` for the tokens of ``c.text`` (not the stop token the text omits)."""
+    return None if c.logprobs is None else _completion_logprobs(engine, TextTokens.of(engine, c).take(c.text))
+
+
+def _completion_logprobs(engine: Engine, tokens: list) -> dict:
+    """``tokens``, ``token_logprobs``, ``top_logprobs`` (the alternatives and the chosen token, as OpenAI) and
+    ``text_offset`` (characters into the completion text) for ``(id, logprob, top, offset)`` tuples."""
+    def piece(t: int) -> str:
+        return token_bytes(engine.tokenizer, t).decode("utf-8", "replace")
+
+    tops = []
+    for t, lp, top, _ in tokens:
+        alternatives = {piece(a): _logprob(alp) for a, alp in top}
+        alternatives.setdefault(piece(t), _logprob(lp))
+        tops.append(alternatives)
+    return {"tokens": [piece(t) for t, *_ in tokens], "token_logprobs": [_logprob(lp) for _, lp, *_ in tokens],
+            "top_logprobs": tops, "text_offset": [offset for *_, offset in tokens]}
 
 
 def _logprobs_chat(engine: Engine, c: Completion) -> dict | None:
-    if c.logprobs is None:
-        return None
-    content = []
-    for t, lp in zip(c.token_ids, c.logprobs):
-        piece = engine.tokenizer.decode([t])
-        content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []})
-    return {"content": content}
+    """Chat ``logprobs`` for the tokens of ``c.text`` (not the stop token the text omits)."""
+    return None if c.logprobs is None else _chat_logprobs(engine, TextTokens.of(engine, c).take(c.text))
+
+
+def _chat_logprobs(engine: Engine, tokens: list) -> dict:
+    """``{"content": [{token, logprob, bytes, top_logprobs}]}`` for ``(id, logprob, top, offset)`` tuples."""
+    def entry(t: int, lp: float) -> dict:
+        raw = token_bytes(engine.tokenizer, t)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": _logprob(lp), "bytes": list(raw)}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                        for t, lp, top, _ in tokens], "refusal": None}
 
 
 def _finish(c: Completion) -> str:
-    return "stop" if c.finish_reason == "stop" else "length"
+    return "stop" if c.finish_reason == "stop" else "length"  # cut rows never get here (see _cut)
 
 
 def _usage(completions: list[Completion]) -> dict:
@@ -213,17 +335,60 @@ def _usage(completions: list[Completion]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-class _Guard:
-    """Pure ASGI middleware (keeps streaming and disconnect detection intact): API key and body-size checks."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a lone surrogate can enter a JSON body
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+def _parse_body(body: bytes) -> tuple[object, int]:
+    """The JSON of a request body with lone surrogates replaced by U+FFFD, and how many were replaced."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    if not _SURROGATE_ESCAPE.search(body):
+        return data, 0
+    replaced = 0
+
+    def clean(x):
+        nonlocal replaced
+        if isinstance(x, str):
+            fixed = replace_surrogates(x)
+            if fixed is not x:
+                replaced += sum(1 for ch in x if "\ud800" <= ch <= "\udfff")
+            return fixed
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, dict):
+            return {clean(k): clean(v) for k, v in x.items()}
+        return x
+
+    try:
+        return clean(data), replaced
+    except RecursionError:
+        raise ApiError(400, "The JSON body of your request is nested too deeply", code="invalid_json") from None
+
+
+def _authorized(header: str | None, api_key: str) -> bool:
+    """``Authorization: Bearer <key>`` (scheme in any case), compared in constant time."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return hmac.compare_digest(f"{scheme.lower()} {token.strip()}".encode(), f"bearer {api_key}".encode())
+
+
+class _Guard:
+    """Pure ASGI middleware (keeps streaming and disconnect detection intact): API key and body-size checks;
+    frees the admission of a request that ended before its job was queued; reports replaced surrogates."""
+
+    def __init__(self, app, api: Api):
+        self.app, self.api = app, api
+        self.api_key, self.max_body_bytes = api.settings.api_key, api.settings.max_body_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/v1/"):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             error = None
-            if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
+            if self.api_key and not _authorized(headers.get("authorization"), self.api_key):
                 error = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key", type="authentication_error")
             length = headers.get("content-length")
@@ -233,7 +398,19 @@ class _Guard:
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})  # the request's own: the routes put its admitted job here
+
+        async def reply(message):
+            if message["type"] == "http.response.start" and state.get("replaced_surrogates"):
+                header = (b"x-replaced-surrogates", str(state["replaced_surrogates"]).encode())
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, reply)
+        finally:  # finished, failed or abandoned: a job that is still counted is freed (idempotent)
+            if state.get("job") is not None:
+                self.api.scheduler.cancel(state["job"])
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -263,20 +440,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def _bug(_request, exc):  # a bug: say so in OpenAI's shape rather than crash the connection
         return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
-    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_Guard, api=api)
 
     async def read_json(request: Request) -> dict:
-        body = b""
+        """The request's JSON object, after admission (429 when full), parsed and sanitised off the event loop."""
+        body = bytearray()
         async for chunk in request.stream():  # also bounds bodies sent without Content-Length
             body += chunk
             if len(body) > settings.max_body_bytes:
                 raise ApiError(413, f"Request body too large (limit {settings.max_body_bytes} bytes)",
                                code="body_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") \
-                from None
+        api.admit(request, len(body))
+        data, replaced = await api.offload(_parse_body, bytes(body))
+        if replaced:
+            request.state.replaced_surrogates = replaced
+            api.replaced_surrogates += replaced
         if not isinstance(data, dict):
             raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
         api.check_model(data)
@@ -288,7 +466,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name, "pending": api.scheduler.pending,
-                "max_pending": settings.max_pending, "context_length": api.context}
+                "max_pending": settings.max_pending, "context_length": api.context,
+                "replaced_surrogates": api.replaced_surrogates}
 
     @app.get("/v1/models")
     async def models():
@@ -305,22 +484,33 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def completions(request: Request):
         body = await read_json(request)
         prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompts = [prompt]
-        else:
-            raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids",
-                           "prompt", "invalid_type")
-        ids = [encode(p) if isinstance(p, str) else p for p in prompts]
-        vocab = engine.model.config.vocab_size
-        for row in ids:
-            if not row:
-                raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
-            if any(t < 0 or t >= vocab for t in row):
-                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
+
+        def tokenize() -> tuple[list, list[list[int]]]:  # on a preparation thread: prompts can be 1 MB
+            if isinstance(prompt, str):
+                prompts = [prompt]
+            elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                prompts = prompt
+            elif isinstance(prompt, list) and prompt and \
+                    all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                prompts = [prompt]
+            else:
+                raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids",
+                               "prompt", "invalid_type")
+            if len(prompts) > settings.max_batch_rows * 4:
+                raise ApiError(400, f"too many prompts in one request ({len(prompts)})", "prompt")
+            for p in prompts:
+                if isinstance(p, str):
+                    api.check_size([p], "prompt")
+            ids = [encode(p) if isinstance(p, str) else p for p in prompts]
+            vocab = engine.model.config.vocab_size
+            for row in ids:
+                if not row:
+                    raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
+                if any(t < 0 or t >= vocab for t in row):
+                    raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
+            return prompts, ids
+
+        prompts, ids = await api.offload(tokenize)
         params, n = api.sampling(body, 16, max(map(len, ids)))
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
         if len(ids) * n > settings.max_batch_rows * 4:
@@ -357,19 +547,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise ApiError(400, f"messages[{i}] must be an object with 'role' in {list(ROLES)}",
                                f"messages[{i}].role", "invalid_value")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': ...}}",
-                                   f"messages[{i}].content", "invalid_type")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content",
-                               "invalid_type")
-            clean.append({"role": m["role"], "content": content})
+            try:
+                calls_only = m.get("content") is None and (m.get("tool_calls") or m["role"] == "tool")
+                content = "" if calls_only else content_text(m.get("content"), f"messages[{i}].content")
+                extra = message_tool_fields(m, f"messages[{i}]")  # assistant tool_calls, tool_call_id
+            except ToolError as e:
+                raise ApiError(400, str(e), e.param or f"messages[{i}]", "invalid_value") from None
+            except GptforgeError as e:
+                raise ApiError(400, str(e), f"messages[{i}].content", "invalid_type") from None
+            clean.append({"role": m["role"], "content": content, **extra})
         try:
-            prompt_ids = encode(engine.render_chat(clean))
+            tool_req = parse_tool_request(body)  # None without tools; see gptforge.tools.ToolRequest
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param, "invalid_value") from None
+        try:
+            prompt_ids = await api.render(clean, lambda: engine.encode_chat(clean) if tool_req is None
+                                          else tool_req.prompt_ids(clean, engine.tokenizer))
         except GptforgeError as e:
             raise ApiError(400, f"cannot render the chat template: {e}", "messages") from None
         params, n = api.sampling(body, 512, len(prompt_ids))
@@ -378,16 +571,31 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         job = await api.run(request, [prompt_ids] * n, api.per_row(params, n))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
+        tool_streams = [tool_req.stream() for _ in range(n)] if tool_req and tool_req.parses else None
+
         def chunk(index: int, text: str | None, finish: str | None) -> dict:
             delta = {} if text is None else ({"role": "assistant", "content": ""} if text == "" else {"content": text})
+            if tool_streams and text:  # content before a <tool_call> streams; calls come whole at the end
+                delta = tool_streams[index].delta(text)
+            elif tool_streams and finish:
+                try:
+                    delta, finish = tool_streams[index].final_delta(finish)
+                except ToolCallMissing as e:
+                    return {"error": {"message": str(e), "type": "model_error", "param": e.param,
+                                      "code": "tool_call_not_produced"}}
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
                     "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         if stream:
             return sse(request, job, chunk, n, body)
         results = await api.wait(request, job)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _logprobs_chat(engine, c), "finish_reason": _finish(c)} for i, c in enumerate(results)]
+        try:  # (message, finish_reason): tool calls parsed out of the text when the request has tools
+            replies = [tool_req.reply(c.text, _finish(c)) if tool_req else
+                       ({"role": "assistant", "content": c.text}, _finish(c)) for c in results]
+        except ToolCallMissing as e:
+            raise ApiError(422, str(e), e.param, "tool_call_not_produced", type="model_error") from None
+        choices = [{"index": i, "message": replies[i][0],
+                    "logprobs": _logprobs_chat(engine, c), "finish_reason": replies[i][1]} for i, c in enumerate(results)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
                 "choices": choices, "usage": _usage(results)}
 
@@ -409,20 +617,26 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                         event = await asyncio.wait_for(job.events.get(), timeout=api.settings.timeout_s + 5)
                     except asyncio.TimeoutError:
                         api.scheduler.cancel(job)
-                        yield line({"error": api.timeout_error().response().body.decode()})
+                        yield line(api.timeout_error().body())
                         break
                     if event[0] == "delta":
-                        yield line(chunk(event[1], event[2], None))
+                        obj = chunk(event[1], event[2], None)
+                        if event[3] is not None and obj.get("choices"):  # this piece of text's tokens
+                            obj["choices"][0]["logprobs"] = (_chat_logprobs if chat_n else _completion_logprobs)(
+                                engine, event[3])
+                        yield line(obj)
                     elif event[0] == "error":
-                        yield line({"error": {"message": f"generation failed: {event[1]}", "type": "server_error"}})
+                        yield line(ApiError(500, f"generation failed: {event[1]}", type="server_error",
+                                            code="engine_error").body())
                         break
                     else:
                         results = event[1] or []
-                        for k, c in enumerate(results):
-                            yield line(chunk(k, None if chat_n else "", _finish(c)))
-                        if event[1] is None:  # timed out before starting
-                            yield line({"error": {"message": api.timeout_error().message, "type": "timeout"}})
-                        if include_usage and results:
+                        for k, c in enumerate(results):  # cut choices get no finish_reason: the error says why
+                            if c.finish_reason != "cancelled":
+                                yield line(chunk(k, None if chat_n else "", _finish(c)))
+                        if _cut(event[1]):  # past the timeout, or cancelled (server stopping)
+                            yield line((api.timeout_error() if job.timed_out else api.cancelled_error()).body())
+                        elif include_usage and results:
                             usage = {**chunk(0, None, None), "choices": [], "usage": _usage(results)}
                             yield line(usage)
                         break
@@ -437,8 +651,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/", response_class=HTMLResponse)
     async def index():
         html = resources.files("gptforge.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-        config = {"model": settings.model_name, "context": api.context, "needsKey": bool(settings.api_key)}
-        return html.replace("/*GPTFORGE_CONFIG*/{}", json.dumps(config))
+        config = {"model": settings.model_name, "context": api.context, "needsKey": bool(settings.api_key),
+                  "defaults": SAMPLING_DEFAULTS.as_dict()}
+        # Inside <script>: "</script>", "<!--" and U+2028/9 in a value (e.g. --model-name) must stay data.
+        safe = json.dumps(config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        return html.replace("/*GPTFORGE_CONFIG*/{}", safe)
 
     return app
 

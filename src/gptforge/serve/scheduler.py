@@ -1,8 +1,10 @@
 """One worker thread that owns the engine: requests queue up, and whatever is waiting is decoded as one batch.
 
 Requests with different sampling settings share a batch (settings are per row). Admission is bounded: at most
-``max_pending`` requests may wait or run; more are refused (the API answers 429). A request that is cancelled
-(client gone) or past its deadline stops decoding at the next token and frees its place at once.
+``max_pending`` requests may be prepared (parsed, tokenized, rendered), wait or run, and the bodies still being
+prepared may hold at most ``max_prepare_bytes``; more are refused (the API answers 429). A request that is
+cancelled (client gone, server stopping) or past its deadline stops decoding at the next token and frees its
+place at once.
 """
 
 from __future__ import annotations
@@ -12,21 +14,70 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from gptforge.engine import Completion, Engine, SamplingParams
+from gptforge.engine import Completion, Engine, SamplingParams, token_bytes
+
+
+class TextTokens:
+    """Which generated tokens the text handed out so far holds, with their log-probabilities.
+
+    A token belongs to the text once the text reaches its first byte; a stop token (the text never includes it)
+    never does, nor do tokens past a stop string. Streamed chunks and whole responses use this one rule, so
+    both list the same tokens.
+    """
+
+    def __init__(self, engine: Engine, stop_ids: set[int]):
+        self.engine, self.stop_ids = engine, stop_ids
+        self.tokens: list[tuple[int, float, list[tuple[int, float]], int]] = []  # id, logprob, top, first byte
+        self.end = 0  # bytes of all tokens so far
+        self.text = ""
+        self.taken = 0
+
+    @classmethod
+    def of(cls, engine: Engine, completion: Completion, stop_ids: set[int] | None = None) -> TextTokens:
+        """The tokens of a finished completion (non-streamed responses)."""
+        tokens = cls(engine, engine.base_stop_ids | (stop_ids or set()))
+        for t, lp, top in zip(completion.token_ids, completion.logprobs or [], completion.top_logprobs or []):
+            tokens.add(t, lp, top)
+        return tokens
+
+    def add(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        self.tokens.append((token_id, logprob, top, self.end))
+        self.end += len(token_bytes(self.engine.tokenizer, token_id))
+
+    def take(self, delta: str) -> list[tuple[int, float, list[tuple[int, float]], int]]:
+        """The tokens that ``delta`` (the next piece of text) brings into the text, as ``(id, logprob, top,
+        offset)`` with ``offset`` the character in the text where the token starts."""
+        self.text += delta
+        raw = self.text.encode("utf-8", "replace")
+        out = []
+        while self.taken < len(self.tokens):
+            token_id, logprob, top, start = self.tokens[self.taken]
+            if token_id in self.stop_ids or start >= len(raw):
+                break
+            out.append((token_id, logprob, top, len(raw[:start].decode("utf-8", "ignore"))))
+            self.taken += 1
+        return out
 
 
 @dataclass
 class Job:
-    """One API request: ``len(prompts)`` rows (a prompt repeated ``n`` times, or several prompts)."""
+    """One API request: ``len(prompts)`` rows (a prompt repeated ``n`` times, or several prompts).
 
-    prompts: list[list[int]]
-    params: list[SamplingParams]
+    A job is admitted (counted against the limits) before its request is prepared; ``prompts`` and ``params``
+    are filled in when it is queued.
+    """
+
     deadline: float
     loop: asyncio.AbstractEventLoop
+    prompts: list[list[int]] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     timed_out: bool = False
     released: bool = False
+    queued: bool = False
+    cost: int = 0  # bytes held in the preparation budget until queued or released
+    tokens: list[TextTokens] | None = None  # per row, when the request asked for logprobs
 
     def emit(self, *event) -> None:
         """Hand an event to the request's coroutine (thread-safe; a closed loop means the client is gone)."""
@@ -44,12 +95,17 @@ class Job:
 class Scheduler:
     """Bounded admission + a worker thread batching up to ``max_batch_rows`` rows per engine call."""
 
-    def __init__(self, engine: Engine, max_pending: int = 64, max_batch_rows: int = 16):
+    def __init__(self, engine: Engine, max_pending: int = 64, max_batch_rows: int = 16,
+                 max_prepare_bytes: int = 32_000_000):
         self.engine = engine
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
+        self.max_prepare_bytes = max_prepare_bytes
         self._waiting: list[Job] = []
+        self._running: list[Job] = []
         self._pending = 0
+        self._preparing = 0
+        self._preparing_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
         self.batches = 0
@@ -58,17 +114,42 @@ class Scheduler:
 
     @property
     def pending(self) -> int:
+        """Requests admitted and not yet finished: being prepared, queued or decoded."""
         return self._pending
 
-    def submit(self, job: Job) -> bool:
-        """Queue ``job``; False when the server is full."""
+    @property
+    def preparing(self) -> int:
+        """Requests admitted but not yet queued (being parsed, tokenized, rendered)."""
+        return self._preparing
+
+    def admit(self, job: Job, cost: int = 0) -> bool:
+        """Count ``job`` (a request about to be prepared, ``cost`` bytes of body); False when the server is full."""
         with self._cond:
-            if self._pending >= self.max_pending:
+            if self._stopped or self._pending >= self.max_pending or \
+                    (self._preparing_bytes and self._preparing_bytes + cost > self.max_prepare_bytes):
                 return False
             self._pending += 1
+            self._preparing += 1
+            self._preparing_bytes += cost
+            job.cost = cost
+            return True
+
+    def enqueue(self, job: Job) -> bool:
+        """Queue an admitted ``job`` for decoding; False when it was released meanwhile."""
+        with self._cond:
+            if job.released or self._stopped:
+                return False
+            self._preparing -= 1
+            self._preparing_bytes -= job.cost
+            job.cost = 0
+            job.queued = True
             self._waiting.append(job)
             self._cond.notify()
             return True
+
+    def submit(self, job: Job) -> bool:
+        """Admit and queue ``job`` at once; False when the server is full."""
+        return self.admit(job) and self.enqueue(job)
 
     def release(self, job: Job) -> None:
         """Free ``job``'s place (idempotent): called when it finished, failed, or its client left."""
@@ -76,14 +157,20 @@ class Scheduler:
             if not job.released:
                 job.released = True
                 self._pending -= 1
+                self._preparing -= 0 if job.queued else 1
+                self._preparing_bytes -= job.cost
+                job.cost = 0
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
         self.release(job)
 
     def stop(self) -> None:
+        """Stop serving: waiting and running requests are cancelled (their streams say so)."""
         with self._cond:
             self._stopped = True
+            for job in self._waiting + self._running:
+                job.cancelled.set()
             self._cond.notify()
 
     def _next_batch(self) -> list[Job]:
@@ -93,7 +180,7 @@ class Scheduler:
             batch, rows = [], 0
             while self._waiting:
                 job = self._waiting[0]
-                if job.should_stop():  # gave up while waiting
+                if job.should_stop():  # gave up (or timed out, or the server is stopping) while waiting
                     self._waiting.pop(0)
                     job.emit("done", None)
                     continue
@@ -101,20 +188,32 @@ class Scheduler:
                     break
                 batch.append(self._waiting.pop(0))
                 rows += len(job.prompts)
+            self._running = batch
             return batch
 
     def _work(self) -> None:
-        while not self._stopped:
+        while True:
             jobs = self._next_batch()
             if not jobs:
+                if self._stopped:
+                    return
                 continue
             owners = [(job, k) for job in jobs for k in range(len(job.prompts))]
             results: dict[int, list] = {id(job): [None] * len(job.prompts) for job in jobs}
+            for job in jobs:
+                if any(p.logprobs for p in job.params):
+                    job.tokens = [TextTokens(self.engine, self.engine.base_stop_ids | set(p.stop_token_ids))
+                                  for p in job.params]
+
+            def on_logprob(row: int, token: int, logprob: float, top) -> None:
+                job, choice = owners[row]
+                if job.tokens is not None:
+                    job.tokens[choice].add(token, logprob, top)
 
             def on_token(row: int, _token: int, delta: str) -> bool:
                 job, choice = owners[row]
                 if delta:
-                    job.emit("delta", choice, delta)
+                    job.emit("delta", choice, delta, job.tokens[choice].take(delta) if job.tokens else None)
                 return not job.should_stop()
 
             def on_finish(row: int, completion: Completion) -> None:
@@ -127,11 +226,15 @@ class Scheduler:
 
             try:
                 self.engine.generate([p for job in jobs for p in job.prompts],
-                                     [p for job in jobs for p in job.params], on_token=on_token, on_finish=on_finish)
+                                     [p for job in jobs for p in job.params], on_token=on_token, on_finish=on_finish,
+                                     on_logprob=on_logprob)
             except Exception as e:  # a bug or an engine-side user error: fail these requests, keep serving
                 for job in jobs:
                     if not job.released:
                         job.emit("error", f"{type(e).__name__}: {e}")
                         self.release(job)
                 continue
+            finally:
+                with self._cond:
+                    self._running = []
             self.batches += 1

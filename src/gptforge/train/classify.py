@@ -34,10 +34,9 @@ from gptforge.checkpoint import model_config, read_model_config, read_safetensor
 from gptforge.data.batching import split_indices
 from gptforge.data.labelled import ClassifyDataConfig, balance_classes, class_order, read_labelled
 from gptforge.errors import GptforgeError
-from gptforge.io import read_json, write_json
+from gptforge.io import write_json
 from gptforge.model import GPT, GPTConfig
 from gptforge.tokenizer import load_tokenizer
-from gptforge.train import checkpoint as C
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,

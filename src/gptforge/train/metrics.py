@@ -78,7 +78,7 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif resume_from_step is None and self.path.exists():
             self.path.unlink()
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
+        self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")

@@ -500,7 +500,7 @@ def write_test_responses(model: GPT, tokenizer, style, conversations, path: Path
     records, stops = [], 0
     for s in tqdm(range(0, len(convs), gc.batch_size), desc="test responses", unit="batch", disable=not progress):
         chunk = convs[s:s + gc.batch_size]
-        prompts = [encode_prompt(prompt_messages(c), tokenizer, style) for c in chunk]
+        prompts = [encode_prompt(prompt_messages(c), tokenizer, style, c.tools) for c in chunk]
         for conv, completion in zip(chunk, engine.generate(prompts, params)):
             stopped = completion.finish_reason == "stop"
             stops += stopped

@@ -6,8 +6,8 @@ and ``close()``. Each writes under the run directory unless the tracker's own en
 
 from __future__ import annotations
 
-import math
 import inspect
+import math
 import os
 from pathlib import Path
 
