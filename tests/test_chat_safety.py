@@ -84,7 +84,15 @@ def test_http_api_does_not_forge_turns(make_tiny_model, live_server, monkeypatch
     from gptforge.serve.app import ServerSettings, create_app
 
     model, tok = make_tiny_model()
-    seen = _capture_prompts(monkeypatch)
+    seen: list = []
+    original = Engine.encode_chat  # the prompt ids the server decodes from (static or continuous batching)
+
+    def spy(self, messages, *args, **kwargs):
+        ids = original(self, messages, *args, **kwargs)
+        seen.append(list(ids))
+        return ids
+
+    monkeypatch.setattr(Engine, "encode_chat", spy)
     server = live_server(create_app(Engine(model, tok), ServerSettings(model_name="tiny")))
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")

@@ -9,7 +9,7 @@ from gptforge.cli import build_parser, main
 
 # The stages of the design, in the order of the user's journey (and of ``gptforge --help``). Written out
 # here on purpose: checking the parser against cli.COMMAND_MODULES would pass whatever that list holds.
-DESIGN_COMMANDS = ["quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify",
+DESIGN_COMMANDS = ["quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify", "dpo",
                    "generate", "chat", "serve", "eval", "compare", "export", "import"]
 
 

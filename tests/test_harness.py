@@ -1,6 +1,6 @@
-"""The lm-eval adapter: its three request types agree with our own scorer and engine, offline."""
+"""The lm-eval adapter: its three request types agree with our own scorer and engine, offline.
 
-import json
+`gptforge eval harness` end to end (shipped local tasks vs `eval choice`, errors) is in test_harness_offline.py."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
 from gptforge.checkpoint import save_model
-from gptforge.eval.choice import evaluate_choice
 from gptforge.eval.harness import GptforgeLM, score_pairs
 from gptforge.eval.scoring import Request, score_requests
 from gptforge.model import GPT, GPTConfig
@@ -85,32 +84,3 @@ def test_native_checkpoint_loads_through_model_args(tmp_path, lm):
     a = loaded.loglikelihood(instances("loglikelihood", pairs))
     b = lm.loglikelihood(instances("loglikelihood", pairs))
     assert a[0][0] == pytest.approx(b[0][0], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_lm_eval_cli_on_local_hellaswag_matches_eval_choice(lm, data_dir, tmp_path):
-    """`gptforge eval harness` (lm-eval's CLI, its own hellaswag preprocessing and metrics) on a native
-    checkpoint and a local copy of the data gives our eval choice numbers."""
-    from gptforge.cli import main
-
-    rows = (data_dir / "eval" / "hellaswag_val.jsonl").read_text().splitlines(keepends=True)[:8]
-    (tmp_path / "hs.jsonl").write_text("".join(rows))
-    (tmp_path / "hs_utils.py").write_text(
-        "from lm_eval.tasks.hellaswag.utils import process_docs, preprocess  # noqa: F401\n")
-    (tmp_path / "hellaswag_local.yaml").write_text(
-        "task: hellaswag_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    validation: {tmp_path / 'hs.jsonl'}\n"
-        "output_type: multiple_choice\nvalidation_split: validation\n"
-        "process_docs: !function hs_utils.process_docs\ndoc_to_text: '{{query}}'\ndoc_to_target: '{{label}}'\n"
-        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    save_model(tmp_path / "run" / "ckpt" / "step_0000001", lm.model, lm.tokenizer)
-    (tmp_path / "run" / "ckpt" / "latest").write_text("step_0000001")
-    rc = main(["eval", "harness", "--model_args", f"checkpoint={tmp_path / 'run'}", "--tasks", "hellaswag_local",
-               "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")])
-    assert rc == 0
-    [result_file] = list((tmp_path / "out").rglob("results*.json"))
-    theirs = json.loads(result_file.read_text())["results"]["hellaswag_local"]
-    ours = evaluate_choice(lm.model, lm.tokenizer, "hellaswag", data=tmp_path / "hs.jsonl", show_progress=False)
-    assert ours["metrics"]["n"] == 8
-    assert theirs["acc,none"] == pytest.approx(ours["metrics"]["acc"])
-    assert theirs["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"])

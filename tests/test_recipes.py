@@ -7,7 +7,7 @@ import pytest
 from gptforge.cli import main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PRETRAIN = sorted(p for p in RECIPES.glob("*.yaml") if "sft" not in p.name and "classify" not in p.name)
+PRETRAIN = sorted(p for p in RECIPES.glob("*.yaml") if not any(s in p.name for s in ("sft", "classify", "dpo")))
 
 
 def dry_run(capsys, monkeypatch, *configs: Path, world: int = 1, extra: tuple = ()) -> str:

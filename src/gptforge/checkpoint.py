@@ -19,6 +19,7 @@ import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, GPTConfig
+from gptforge.model_modern import build_model
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -57,7 +58,7 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
     directory.mkdir(parents=True, exist_ok=True)
     bare = unwrap(model)
     save_file(model_state_for_saving(bare), str(directory / WEIGHTS), metadata={"format": "pt"})
-    meta = {"model": bare.config.to_dict(), **(extra or {})}
+    meta = {"family": getattr(bare.config, "family", "gpt2"), "model": bare.config.to_dict(), **(extra or {})}
     (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_DIR)
@@ -166,10 +167,15 @@ def read_model_config(directory: str | Path, name: str = MODEL_CONFIG) -> dict:
 
 
 def model_config(meta: dict, directory: str | Path, name: str = MODEL_CONFIG) -> GPTConfig:
-    """The :class:`GPTConfig` in a model config, every key type-checked (errors name the file and key)."""
-    from gptforge.config import from_dict
+    """The config in a model config file, of its family (``family`` at the top or in ``model``; default GPT-2,
+    :class:`GPTConfig`; ``modern``: :class:`~gptforge.model_modern.ModernConfig`), every key type-checked (errors
+    name the file and key)."""
+    from gptforge.model_modern import config_from_dict
 
-    return from_dict(GPTConfig, meta["model"], where=f"{Path(directory) / name}: model")
+    data = dict(meta["model"])
+    if "family" in meta and "family" not in data:
+        data["family"] = meta["family"]
+    return config_from_dict(data, where=f"{Path(directory) / name}: model")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -184,7 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     else:
         verify_files(directory)  # training wrote files.json: sizes and hashes before use
         meta = read_model_config(directory)
-        model = GPT(model_config(meta, directory))
+        model = build_model(model_config(meta, directory))
         state = read_safetensors(directory / WEIGHTS)
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]

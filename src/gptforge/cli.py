@@ -14,7 +14,7 @@ from gptforge.errors import GptforgeError
 
 # Order is the order of the user's journey; --help lists them this way.
 COMMAND_MODULES = [
-    "quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify",
+    "quickstart", "model", "tokenizer", "data", "pretrain", "sft", "classify", "dpo",
     "generate", "chat", "serve", "eval", "compare", "export", "import_",
 ]
 

@@ -2,7 +2,9 @@
 
 Exported directories load with ``AutoModelForCausalLM.from_pretrained`` as ``GPT2LMHeadModel`` without
 ``trust_remote_code``. GPT-2 always has biases, so a model trained with ``bias=False`` / ``qkv_bias=False`` is
-exported with zero biases (which computes the same function).
+exported with zero biases (which computes the same function). The modern family (:mod:`gptforge.model_modern`)
+goes to ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` through :mod:`gptforge.hf_modern`; the functions here dispatch
+on the model's family (export) or ``config.json``'s ``model_type`` (import).
 """
 
 from __future__ import annotations
@@ -74,8 +76,13 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def export_model(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path, extra_files: dict | None = None) -> Path:
-    """Write a ``transformers``-loadable GPT-2 directory (weights, config, generation config, tokenizer)."""
+    """Write a ``transformers``-loadable GPT-2 directory (weights, config, generation config, tokenizer); a modern
+    model becomes a Llama or Qwen3 directory (:func:`gptforge.hf_modern.export_model`)."""
     _require_transformers()
+    if getattr(model.config, "family", "gpt2") == "modern":
+        from gptforge.hf_modern import export_model as export_modern
+
+        return export_modern(model, tokenizer, out_dir, extra_files)
     from transformers import GenerationConfig, GPT2LMHeadModel
 
     out_dir = Path(out_dir)
@@ -188,8 +195,15 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length
 
 
 def config_from_hf(hf_cfg: dict, where: str) -> GPTConfig:
+    """Our config for a HF ``config.json``: GPT-2, or Llama/Qwen3 as a modern-family config."""
+    from gptforge.hf_modern import MODEL_TYPES
+    from gptforge.hf_modern import config_from_hf as modern_config
+
+    if hf_cfg.get("model_type") in MODEL_TYPES:
+        return modern_config(hf_cfg, where)
     if hf_cfg.get("model_type", "gpt2") != "gpt2":
-        raise GptforgeError(f"{where}: model_type {hf_cfg.get('model_type')!r} is not gpt2")
+        raise GptforgeError(f"{where}: model_type {hf_cfg.get('model_type')!r} is not gpt2, "
+                            f"{', '.join(MODEL_TYPES)}")
     act = hf_cfg.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
         raise GptforgeError(f"{where}: activation {act!r} is not GPT-2's tanh GELU")
@@ -228,10 +242,17 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """Build our :class:`GPT` (and tokenizer, when present) from a Hugging Face GPT-2 directory."""
+    """Build our :class:`GPT` (and tokenizer, when present) from a Hugging Face GPT-2 directory; a Llama or Qwen3
+    directory gives a :class:`~gptforge.model_modern.ModernGPT`."""
+    from gptforge.hf_modern import MODEL_TYPES
+    from gptforge.hf_modern import import_hf as import_modern
+
     directory = Path(directory)
     cfg_path = directory / "config.json"
-    config = config_from_hf(read_json(cfg_path, "Hugging Face config"), str(cfg_path))
+    hf_cfg = read_json(cfg_path, "Hugging Face config")
+    if isinstance(hf_cfg, dict) and hf_cfg.get("model_type") in MODEL_TYPES:
+        return import_modern(directory, hf_cfg), import_hf_tokenizer(directory)
+    config = config_from_hf(hf_cfg, str(cfg_path))
     raw = _read_hf_weights(directory)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in raw.items():

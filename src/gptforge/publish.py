@@ -54,18 +54,35 @@ def collect_run_facts(checkpoint_dir: Path) -> dict:
 def render_model_card(facts: dict, repo_id: str | None = None, license: str = LICENSE_DEFAULT,
                       datasets: list[str] | None = None) -> str:
     """Markdown model card with Hub metadata front matter."""
-    model = (facts.get("meta") or {}).get("model", {})
+    meta = facts.get("meta") or {}
+    model = meta.get("model", {})
     state = facts.get("state") or {}
     config = facts.get("config") or {}
+    modern = (model.get("family") or meta.get("family")) == "modern"
+    hf_class = ("Qwen3ForCausalLM" if model.get("qk_norm") else "LlamaForCausalLM") if modern else "GPT2LMHeadModel"
+    arch_tag = ("qwen3" if model.get("qk_norm") else "llama") if modern else "gpt2"
     front = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["gptforge", "gpt2", "causal-lm"]}
+             "tags": ["gptforge", arch_tag, "causal-lm"]}
     if datasets:
         front["datasets"] = datasets
     name = repo_id or Path(facts.get("run_dir") or facts["checkpoint"]).name
+    what = ("A modern-architecture (RoPE, RMSNorm, SwiGLU) causal language model" if modern
+            else "A GPT-2-architecture causal language model")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             "A GPT-2-architecture causal language model trained with gptforge and exported as a plain "
-             "`GPT2LMHeadModel` (no custom code needed).", ""]
-    if model:
+             f"{what} trained with gptforge and exported as a plain `{hf_class}` (no custom code needed).", ""]
+    if model and modern:
+        from gptforge.model_modern import config_from_dict
+        from gptforge.model_modern import count_params as modern_params
+
+        cfg = config_from_dict({**model, "family": "modern"})
+        lines += ["## Model", "", "| field | value |", "|---|---|",
+                  f"| parameters | {modern_params(cfg):,} |",
+                  f"| layers / heads (kv heads) / width | {cfg.n_layer} / {cfg.n_head} ({cfg.n_kv_head}) / {cfg.n_embd} |",
+                  f"| MLP | {cfg.mlp}, hidden {cfg.mlp_hidden} |",
+                  f"| context length | {cfg.block_size} (RoPE, theta {cfg.rope_theta:g}) |",
+                  f"| vocabulary | {cfg.vocab_size:,} |", f"| tied embeddings | {cfg.tie_embeddings} |",
+                  f"| QK-norm | {cfg.qk_norm} |", ""]
+    elif model:
         from gptforge.model import GPTConfig, count_params
 
         cfg = GPTConfig(**model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gptforge.commands import add_parser, positive_float, positive_int
+from gptforge.commands.sft import LORA_FIELDS, add_lora_flags
 
 EXAMPLE = ("gptforge classify --checkpoint runs/base --data $GPTFORGE_DATA_DIR/classify/SMSSpamCollection "
            "--name spam --balance --trainable last_blocks --epochs 5\n"
@@ -37,6 +38,7 @@ def register(sub) -> None:
                    help="continue the run <out-dir>/<name> from its newest valid checkpoint")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start over in a run directory that already has checkpoints (deletes them)")
+    add_lora_flags(p)  # with LoRA the adapters and the head train; --trainable does not apply
     p.set_defaults(func=run)
 
     psub = p.add_subparsers(dest="classify_command", metavar="[predict]")
@@ -59,7 +61,7 @@ def cli_overrides(args) -> dict:
               "data.balance": "balance", "data.skip_bad": "skip_bad", "data.limit": "limit",
               "data.max_len": "max_len"}
     fields.update({f"train.{k}": k for k in ("trainable", "last_k", "epochs", "max_steps", "batch_size")})
-    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite"})
+    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite", **LORA_FIELDS})
     o = flag_overrides(args, fields)
     if args.split:
         o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.7,0.1,0.2")

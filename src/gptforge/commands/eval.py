@@ -1,7 +1,9 @@
-"""``gptforge eval loss|choice|judge|harness``: held-out loss, multiple-choice benchmarks, LLM-as-a-judge, lm-eval."""
+"""``gptforge eval loss|choice|icl|core|judge|harness``: held-out loss, multiple-choice benchmarks, in-context-learning
+tasks (llm-foundry formats), the CORE score, LLM-as-a-judge, lm-eval."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,10 +11,13 @@ from gptforge.commands import add_parser, nonneg_float, nonneg_int, positive_flo
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate checkpoints: loss/ppl/bpb, HellaSwag/MMLU, LLM judge, lm-eval")
+    p = sub.add_parser("eval", help="evaluate checkpoints: loss/ppl/bpb, HellaSwag/MMLU, ICL tasks, CORE, LLM judge, "
+                                    "lm-eval")
     esub = p.add_subparsers(dest="eval_command", metavar="<action>", required=True)
     _register_loss(esub)
     _register_choice(esub)
+    _register_icl(esub)
+    _register_core(esub)
     _register_judge(esub)
     _register_harness(esub)
 
@@ -163,6 +168,133 @@ def run_choice(args) -> int:
     return 0
 
 
+# ---- icl and core ---------------------------------------------------------------------------------------------
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir or HF directory")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass (default: 32)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer when the checkpoint has none")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps … (default: auto = CUDA, else MPS, else CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: the one precision rule, bf16 where the CPU/GPU computes it natively)")
+
+
+def _load_for_eval(args):
+    from gptforge.checkpoint import load_model
+    from gptforge.precision import pick_device, resolve_precision
+    from gptforge.tokenizer import load_tokenizer
+
+    device = pick_device(args.device)
+    names = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    precision = resolve_precision(names[args.dtype], device)
+    model, tokenizer, meta = load_model(args.checkpoint, device=device, dtype=precision.dtype)
+    print(f"gptforge: {device} {precision.describe}", file=sys.stderr)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    return model, tokenizer, meta, precision
+
+
+def _run_eval_dir(meta: dict) -> Path | None:
+    ckpt = Path(meta["path"])
+    return ckpt.parent.parent / "eval" if ckpt.parent.name == "ckpt" else None
+
+
+def _register_icl(esub) -> None:
+    p = add_parser(esub, "icl", "one in-context-learning task in llm-foundry's jsonl formats: multiple_choice "
+                                "(query/choices/gold), schema (context_options/continuation/gold, e.g. WinoGrande), "
+                                "language_modeling (context/continuation, greedy exact match, e.g. LAMBADA)",
+                   "gptforge eval icl --checkpoint runs/mini --data winogrande.jsonl --type schema")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="jsonl file, one item per line in the --type's format")
+    p.add_argument("--type", required=True, choices=["multiple_choice", "schema", "language_modeling"])
+    p.add_argument("--num-fewshot", type=nonneg_int, default=0,
+                   help="examples before each item, drawn from the other items as nanochat does (default: 0)")
+    p.add_argument("--delimiter", default=" ",
+                   help="continuation delimiter between context and answer, e.g. '\\nAnswer: ' (default: space)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N items (they are also the few-shot pool)")
+    p.add_argument("--out", default=None, help="results JSON (default: <run>/eval/icl_<file>.json for run "
+                                               "checkpoints, else ./eval_icl_<file>.json)")
+    p.set_defaults(func=run_icl)
+
+
+def run_icl(args) -> int:
+    from gptforge.eval.icl import evaluate_icl, format_icl_summary, read_icl_jsonl
+    from gptforge.io import write_json
+
+    items = read_icl_jsonl(args.data, args.type)[: args.limit]
+    model, tokenizer, meta, precision = _load_for_eval(args)
+    delimiter = args.delimiter.replace("\\n", "\n")
+    result = evaluate_icl(model, tokenizer, items, args.type, args.num_fewshot, delimiter, batch_size=args.batch_size)
+    result = {"data": args.data, "checkpoint": meta["path"], "precision": precision.describe, **result}
+    print(format_icl_summary(result))
+    run = _run_eval_dir(meta)
+    stem = Path(args.data).stem
+    out = Path(args.out) if args.out else (run / f"icl_{stem}.json" if run else Path(f"eval_icl_{stem}.json"))
+    write_json(out, result)
+    print(f"wrote {out} ({len(result['predictions'])} per-item predictions)")
+    return 0
+
+
+def _register_core(esub) -> None:
+    p = add_parser(esub, "core", "the CORE score (DCLM, as nanochat reports it): centered accuracy on 22 ICL task "
+                                 "entries and their mean; offline without SQuAD/CoQA it is labelled partial",
+                   "gptforge eval core --checkpoint runs/mini --max-per-task 200")
+    _add_model_args(p)
+    p.add_argument("--max-per-task", type=positive_int, default=None,
+                   help="a quick estimate: the first N items of each task after nanochat's seeded shuffle")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="LABEL", help="only these entries (e.g. arc_easy copa)")
+    p.add_argument("--data", default=None,
+                   help="a folder with the task files (e.g. an unpacked eval_bundle); searched before the "
+                        "downloaded bundle and $GPTFORGE_DATA_DIR/eval/core")
+    p.add_argument("--download-bundle", action="store_true",
+                   help="fetch nanochat's eval bundle (all 22 entries incl. SQuAD and CoQA, ~160 MB) into the "
+                        "gptforge cache first; needs network")
+    p.add_argument("--crop", choices=["prompt", "item"], default="prompt",
+                   help="prompts longer than the model's context keep their last tokens: 'prompt' cuts each choice's "
+                        "prompt on its own (nanochat, default); 'item' cuts an item's choices at one place so they "
+                        "share a forward pass (about 2x faster for 10-shot tasks on short-context models; differs "
+                        "from nanochat on cropped items, and the label says so)")
+    p.add_argument("--out", default=None, help="output folder for core.json, core.md, core.png, core_items.jsonl "
+                                               "(default: <run>/eval/core for run checkpoints, else ./eval_core)")
+    p.set_defaults(func=run_core)
+
+
+def run_core(args) -> int:
+    from gptforge.eval.core import download_bundle, evaluate_core, format_table, plan, plot_core
+    from gptforge.io import atomic_write_text, write_json
+
+    if args.download_bundle:
+        download_bundle()
+    plan(args.tasks, args.max_per_task, args.data)  # data and option errors before loading the model
+    model, tokenizer, meta, precision = _load_for_eval(args)
+    if tokenizer is None:
+        from gptforge.errors import GptforgeError
+
+        raise GptforgeError("the checkpoint has no tokenizer; pass one with --tokenizer")
+    result = evaluate_core(model, tokenizer, max_per_task=args.max_per_task, data_dir=args.data, tasks=args.tasks,
+                           batch_size=args.batch_size, crop=args.crop)
+    predictions = result.pop("predictions")
+    result = {"checkpoint": meta["path"], "precision": precision.describe, **result}
+    table = format_table(result)
+    print(table)
+    print(f"{result['metric']}: {result['score']:.4f}  ({result['items']:,} items in {result['seconds']:.0f}s, "
+          f"{result['items_per_second']:.0f} items/s; prompts longer than the model's {result['block_size']} "
+          "tokens keep their last tokens" + (", as nanochat crops them)" if args.crop == "prompt" else
+                                             ", cut at one place per item)"))
+    run = _run_eval_dir(meta)
+    out = Path(args.out) if args.out else (run / "core" if run else Path("eval_core"))
+    write_json(out / "core.json", result)
+    atomic_write_text(out / "core.md", table + "\n")
+    plot_core(result, out / "core.png", title=f"{result['metric']} = {result['score']:.4f}\n{meta['path']}")
+    lines = [json.dumps({"task": task, **p}) for task, preds in predictions.items() for p in preds]
+    atomic_write_text(out / "core_items.jsonl", "\n".join(lines) + "\n")
+    print(f"wrote {out}/core.json, core.md, core.png and core_items.jsonl ({len(lines):,} per-item predictions)")
+    return 0
+
+
 # ---- judge ---------------------------------------------------------------------------------------------------
 
 
@@ -229,8 +361,12 @@ def run_judge_cmd(args) -> int:
 
 def _register_harness(esub) -> None:
     p = add_parser(esub, "harness", "run lm-evaluation-harness on a native checkpoint (model type 'gptforge'); "
-                                    "all further arguments go to lm_eval",
-                   "gptforge eval harness --model_args checkpoint=runs/mini --tasks hellaswag --limit 100")
+                                    "all further arguments go to lm_eval; hellaswag, mmlu, arc_*, piqa, copa, "
+                                    "winogrande, lambada_openai, openbookqa, boolq read $GPTFORGE_DATA_DIR",
+                   "gptforge eval harness --model_args checkpoint=runs/mini --tasks hellaswag,arc_easy --limit 100")
+    p.add_argument("--stock-tasks", action="store_true",
+                   help="use lm-eval's stock task configs (data from the Hugging Face Hub) instead of the "
+                        "local copies in $GPTFORGE_DATA_DIR")
     p.set_defaults(func=run_harness, accepts_overrides=True)
 
 
@@ -246,4 +382,4 @@ def run_harness(args) -> int:
         from gptforge.precision import pick_device
 
         argv += ["--device", str(pick_device("auto"))]
-    return cli_main(argv)
+    return cli_main(argv, stock_tasks=args.stock_tasks)

@@ -1,10 +1,14 @@
-"""``gptforge export``: a checkpoint → a Hugging Face GPT-2 directory (+ model card), optionally pushed to the Hub."""
+"""``gptforge export``: a checkpoint → a Hugging Face directory (+ model card), optionally pushed to the Hub: GPT-2
+models as ``GPT2LMHeadModel``, the modern family as ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM`` with QK-norm)."""
+
+import json
 
 from gptforge.commands import add_parser
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "export", "export a checkpoint as a Hugging Face GPT2LMHeadModel directory with a model card",
+    p = add_parser(sub, "export", "export a checkpoint as a Hugging Face directory with a model card (GPT2LMHeadModel; "
+                   "LlamaForCausalLM or Qwen3ForCausalLM for the modern family)",
                    "gptforge export --checkpoint runs/quickstart/sft --out hf/my-model --push-to-hub me/my-model")
     p.add_argument("--checkpoint", required=True, help="checkpoint step dir, run dir or HF directory")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -22,7 +26,9 @@ def run(args) -> int:
 
     out = export_with_card(args.checkpoint, args.out, repo_id=args.push_to_hub, license=args.license,
                            datasets=args.dataset, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} → {out} (weights, config, tokenizer, generation config, README.md model card)")
+    arch = json.loads((out / "config.json").read_text(encoding="utf-8")).get("architectures", ["?"])[0]
+    print(f"exported {args.checkpoint} → {out} as {arch} (weights, config, tokenizer, generation config, README.md "
+          "model card)")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"uploaded to {url}")

@@ -1,10 +1,11 @@
-"""``gptforge import``: a Hugging Face GPT-2 directory → a gptforge checkpoint."""
+"""``gptforge import``: a Hugging Face GPT-2 (or Llama / Qwen3: the modern family) directory → a gptforge checkpoint."""
 
 from gptforge.commands import add_parser
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "import", "import a Hugging Face GPT-2 directory or Hub model as a gptforge checkpoint",
+    p = add_parser(sub, "import", "import a Hugging Face GPT-2, Llama or Qwen3 directory or Hub model as a gptforge "
+                   "checkpoint",
                    "gptforge import openai-community/gpt2 --out ckpt/gpt2")
     p.add_argument("hf_dir", metavar="HF_DIR|HUB_ID",
                    help="directory with config.json and model.safetensors (or pytorch_model.bin), or a Hub model "
@@ -26,5 +27,6 @@ def run(args) -> int:
     repo = hub_repo(args.hf_dir)
     model, tokenizer = import_hf(download(repo) if repo else Path(args.hf_dir))
     out = save_model(args.out, model, tokenizer, extra={"source": str(args.hf_dir)})
-    print(f"imported {args.hf_dir} ({model.num_params():,} parameters) → {out}")
+    family = getattr(model.config, "family", "gpt2")
+    print(f"imported {args.hf_dir} ({model.num_params():,} parameters, {family} family) → {out}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptforge.commands import add_parser, nonneg_float, positive_float, positive_int
+from gptforge.commands import add_parser, nonneg_float, nonneg_int, positive_float, positive_int
 
 EXAMPLE = ("gptforge sft --checkpoint runs/base --data $GPTFORGE_DATA_DIR/instruct/instruction-data.json "
            "--name sft-demo --epochs 2 --neftune-alpha 5 --patience 3")
@@ -47,7 +47,25 @@ def register(sub) -> None:
                    help="continue the run <out-dir>/<name> from its newest valid checkpoint")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start over in a run directory that already has checkpoints (deletes them)")
+    add_lora_flags(p)
     p.set_defaults(func=run)
+
+
+# LoRA flags → the ``lora`` config section (shared by sft, classify and dpo)
+LORA_FIELDS = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout",
+               "lora.target_modules": "lora_target"}
+
+
+def add_lora_flags(p) -> None:
+    """``--lora-r/--lora-alpha/--lora-dropout/--lora-target``: train LoRA adapters instead of every weight."""
+    g = p.add_argument_group("LoRA (needs peft: pip install 'gptforge[lora]')")
+    g.add_argument("--lora-r", type=nonneg_int, default=None,
+                   help="train rank-r LoRA adapters (e.g. 8) instead of every weight; 0 = off (default)")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="adapter scale alpha/r (default alpha 16)")
+    g.add_argument("--lora-dropout", type=nonneg_float, default=None, help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora-target", action="append", default=None, metavar="MODULE",
+                   help="a linear layer that gets an adapter, by name (repeat; default attn.c_attn, attn.c_proj, "
+                        "mlp.c_fc, mlp.c_proj; c_proj names both projections)")
 
 
 def cli_overrides(args) -> dict:
@@ -61,7 +79,7 @@ def cli_overrides(args) -> dict:
               "generate.max_new_tokens": "max_new_tokens"}
     fields.update({f"train.{k}": k for k in ("epochs", "max_steps", "batch_size", "grad_accum",
                                              "neftune_alpha", "patience", "eval_every")})
-    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite"})
+    fields.update({"optim.lr": "lr", "checkpoint.resume": "resume", "overwrite": "overwrite", **LORA_FIELDS})
     o = flag_overrides(args, fields)
     if args.split:
         o.setdefault("data", {})["split"] = parse_fractions(args.split, "--split", "0.85,0.05,0.10")
@@ -78,5 +96,7 @@ def run(args) -> int:
     config = load_config(SFTConfig, args.config, overrides)
     result = run_sft(config)
     print(f"fine-tuned model: {result.checkpoint}")
+    if (result.run_dir / "adapter").is_dir():
+        print(f"LoRA adapter (peft): {result.run_dir / 'adapter'}")
     print(f"try it: gptforge chat --checkpoint {result.run_dir}")
     return 0

@@ -29,8 +29,30 @@ def load_task(task: str, data: str | Path | None = None, limit: int | None = Non
         if data is None:
             raise GptforgeError("task jsonl needs --data FILE.jsonl")
         opts = {k: v for k, v in jsonl_options.items() if k != "subjects"}
+        _refuse_other_icl_types(data, opts)
         return load_jsonl_task(data, limit=limit, **opts)
     raise GptforgeError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+
+
+def _refuse_other_icl_types(path: str | Path, opts: dict) -> None:
+    """Schema (WinoGrande) and language-modelling (LAMBADA) records are not multiple choice: scoring their
+    fields as context + choices gives a number for the wrong probability, so point to ``eval icl`` instead."""
+    from gptforge.io import iter_jsonl
+
+    if not Path(path).is_file():
+        return  # load_jsonl_task reports it
+    lineno, rec = next(iter_jsonl(path), (0, None))
+    if not isinstance(rec, dict) or opts.get("choices_field", "choices") in rec and "context_options" not in rec:
+        return
+    if "context_options" in rec:
+        kind = "schema items (context_options + one shared continuation, e.g. WinoGrande/WSC)"
+    elif "continuation" in rec and "context" in rec:
+        kind = "language-modelling items (context + continuation, e.g. LAMBADA)"
+    else:
+        return
+    task_type = "schema" if "context_options" in rec else "language_modeling"
+    raise GptforgeError(f"{path}:{lineno}: {kind}, not multiple choice; score them with "
+                        f"gptforge eval icl --type {task_type} --data {path}")
 
 
 def score_items(model, tokenizer, items: list[Item], batch_size: int = 32, show_progress: bool = True) -> list[dict]:

@@ -10,7 +10,8 @@ best validation accuracy, and reports accuracy and a confusion matrix per split 
 
 Run directory: ``config.yaml``, ``metrics.jsonl``, ``loss.png`` (loss and accuracy), ``results.json``,
 ``ckpt/step_NNNNNNN/`` (``classifier.safetensors``, ``model_config.json`` with the labels, ``tokenizer/``,
-optimizer and trainer state, ``files.json``), ``ckpt/best`` and ``ckpt/latest`` pointers.
+optimizer and trainer state, ``files.json``), ``ckpt/best`` and ``ckpt/latest`` pointers; with LoRA
+(``lora.r``: adapters + the head train) merged weights and ``adapter/`` (:mod:`gptforge.train.lora`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gptforge.errors import GptforgeError
 from gptforge.io import write_json
 from gptforge.model import GPT, GPTConfig
 from gptforge.tokenizer import load_tokenizer
+from gptforge.train import lora as L
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,
@@ -58,6 +60,7 @@ from gptforge.train.core import (
     start_checkpointing,
     teardown_runtime,
 )
+from gptforge.train.lora import LoraSection
 from gptforge.train.nonfinite import NonFiniteGuard
 from gptforge.train.sft import migrate_base_key
 
@@ -105,6 +108,7 @@ class ClassifyConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, schedule="constant", min_lr_ratio=0.0))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(keep_last=1))
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraSection = field(default_factory=LoraSection)  # r > 0: LoRA adapters + the head (train.trainable unused)
 
     @staticmethod
     def migrate(data: dict) -> dict:
@@ -124,6 +128,7 @@ class ClassifyConfig:
         t.validate_common()
         self.optim.validate()
         self.checkpoint.validate()
+        self.lora.validate()
         return self
 
 
@@ -242,8 +247,9 @@ def evaluate(model: Classifier, ids: list[list[int]], targets: list[int], num_cl
 def classifier_writer(model: Classifier, tokenizer, info: dict):
     """A ``write_model`` for the shared checkpoint writer: weights, config (model shape + labels), tokenizer."""
     def write(directory: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in L.merged_state(model).items()}  # LoRA: merged
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        L.write_lora_state(model, directory)  # LoRA: the adapters' exact state, for resume
         meta = {"model": model.config.to_dict(), "classifier": info}
         (directory / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if tokenizer is not None:
@@ -354,9 +360,13 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     pad_id = tokenizer.pad_id if tokenizer.pad_id < gpt.config.vocab_size else tokenizer.eot_id
     model = Classifier(gpt, len(labels))
     n_trainable = freeze(model, tc.trainable, tc.last_k)
+    if config.lora.r:  # adapters, and the head in full (train.trainable does not apply)
+        model = L.apply_lora(model, L.with_head(config.lora), frozen_dtype=rt.precision.dtype)
     model.to(device).train()
-    log(f"classifier: {len(labels)} classes {labels}; {n_trainable:,} of "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters trainable ({tc.trainable})")
+    log(f"classifier: {len(labels)} classes {labels}; " + (
+        f"{L.describe(model)}; {L.memory_line(model, tc.batch_size, max_len, rt.precision.name)}"
+        if L.has_lora(model) else
+        f"{n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters trainable ({tc.trainable})"))
 
     encoded: dict[str, tuple[list[list[int]], list[int]]] = {}
     truncated = 0
@@ -387,7 +397,7 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
     state = {"step": 0, "nonfinite_steps": 0, "skipped_steps": 0}
     keeper = BestKeeper(mode="max")  # (accuracy, -loss)
     if resume_dir is not None:
-        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=lambda d: model.load_state_dict(_load_weights(d)),
+        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=lambda d: L.load_weights(model, d, _load_weights(d)),
                                            load_optimizer=optimizer.load_state_dict, scaler=scaler)
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
@@ -466,7 +476,9 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
             break
     bar.close()
 
-    final = finish_with_best(rt, run, keeper, lambda d: model.load_state_dict(_load_weights(d)), interrupted)
+    final = finish_with_best(rt, run, keeper, lambda d: L.load_weights(model, d, _load_weights(d)), interrupted)
+    if L.has_lora(model) and not interrupted:  # adapter/ (peft layout, our names), and the merged model from here
+        model = L.finish_lora(model, run_dir, config.base, tokenizer, rt.is_main, log)
 
     metrics = {name: evaluate(model, ids, ys, len(labels), tc.eval_batch_size, pad_id, device, autocast())
                for name, (ids, ys) in encoded.items() if ids}

@@ -35,7 +35,7 @@ from gptforge.tokenizer import load_tokenizer
 from gptforge.train import checkpoint as C
 from gptforge.train import distributed as D
 from gptforge.train.metrics import MetricsLog, plot_metrics
-from gptforge.train.optim import LRSchedule, configure_optimizer, set_lr
+from gptforge.train.optim import LRSchedule, configure_muon, configure_optimizer, set_lr
 from gptforge.train.trackers import make_trackers
 
 # ---- the config sections every stage shares ------------------------------------------------------------------
@@ -43,8 +43,10 @@ from gptforge.train.trackers import make_trackers
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (section ``optim`` in every stage)."""
+    """The optimizer (AdamW, or Muon for hidden matrices + AdamW for the rest) and the learning-rate schedule
+    (section ``optim`` in every stage)."""
 
+    name: str = "adamw"  # adamw | muon (Muon for the 2-D matrices in the blocks, AdamW at lr for the rest)
     lr: float = 6e-4
     min_lr: float | None = None  # default: min_lr_ratio × lr
     min_lr_ratio: float = 0.1
@@ -58,6 +60,11 @@ class OptimConfig:
     warmup_steps: int | None = None  # default: warmup_ratio × total steps
     warmup_ratio: float = 0.0
     decay_ratio: float = 0.2  # wsd: the final fraction of steps spent decaying
+    muon_lr: float = 0.02  # Muon's peak LR (the schedule scales it like lr)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton–Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled, times the Muon LR
 
     def validate(self) -> OptimConfig:
         def bad(key: str, why: str):
@@ -86,6 +93,16 @@ class OptimConfig:
             bad("warmup_ratio", "must be in [0, 1]")
         if not 0 <= self.decay_ratio <= 1:
             bad("decay_ratio", "must be in [0, 1]")
+        if self.name not in ("adamw", "muon"):
+            bad("name", "must be adamw or muon")
+        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            bad("muon_lr", "must be a finite number > 0")
+        if not 0 <= self.muon_momentum < 1:
+            bad("muon_momentum", "must be in [0, 1)")
+        if not 1 <= self.muon_ns_steps <= 50:
+            bad("muon_ns_steps", "must be in [1, 50]")
+        if not (math.isfinite(self.muon_weight_decay) and self.muon_weight_decay >= 0):
+            bad("muon_weight_decay", "must be >= 0")
         return self
 
     @property
@@ -336,9 +353,16 @@ def load_base_model(checkpoint: str, tokenizer: str | None = None, dropout: floa
     return model, tok, meta
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with the section's decay groups, betas and eps."""
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with the section's decay groups, betas and eps; with ``name: muon``,
+    one :class:`~gptforge.train.optim.MuonAdamW` (Muon for the blocks' matrices, that AdamW for the rest)."""
     optim.validate()
+    if optim.name == "muon":
+        return configure_muon(model, lr=optim.lr, muon_lr=optim.muon_lr, weight_decay=optim.weight_decay,
+                              muon_weight_decay=optim.muon_weight_decay, betas=(optim.beta1, optim.beta2),
+                              eps=optim.eps, momentum=optim.muon_momentum, nesterov=optim.muon_nesterov,
+                              ns_steps=optim.muon_ns_steps, decay_embeddings=optim.decay_embeddings,
+                              decay=optim.decay)
     return configure_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=(optim.beta1, optim.beta2),
                                eps=optim.eps, decay_embeddings=optim.decay_embeddings, decay=optim.decay)
 

@@ -28,6 +28,7 @@ from gptforge.eval.loss import mean_lm_loss
 from gptforge.io import write_json
 from gptforge.memory import human_bytes, training_memory
 from gptforge.model import GPT
+from gptforge.model_modern import build_model
 from gptforge.precision import Precision
 from gptforge.train import checkpoint as C
 from gptforge.train import distributed as D
@@ -193,7 +194,7 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
         say(f"initialised from {meta['path']} ({model.num_params():,} parameters; tokenizer from the weights)")
     else:
         tokenizer = resolve_tokenizer(cfg)
-        model = GPT(build_model_config(cfg, tokenizer.vocab_size), init=cfg.model.init)
+        model = build_model(build_model_config(cfg, tokenizer.vocab_size), init=cfg.model.init)
     _check_vocab(cfg, model.config, tokenizer)
     model.to(device)
     model.train()

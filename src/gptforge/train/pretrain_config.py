@@ -23,7 +23,11 @@ from gptforge.errors import GptforgeError
 from gptforge.hf import config_from_hf
 from gptforge.io import read_json
 from gptforge.memory import human_bytes, training_memory
-from gptforge.model import GPT, PRESETS, GPTConfig, count_params, flops_per_token
+from gptforge.model import PRESETS, GPTConfig
+from gptforge.model_modern import FAMILIES, ModernConfig, build_model
+from gptforge.model_modern import PRESETS as MODERN_PRESETS
+from gptforge.model_modern import config_flops_per_token as flops_per_token
+from gptforge.model_modern import config_params as count_params
 from gptforge.precision import pick_device, resolve_precision
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.core import CheckpointConfig, LogConfig, OptimConfig, TrainCommon, require_at_least_one
@@ -33,9 +37,14 @@ OptimSection, CheckpointSection, LogSection = OptimConfig, CheckpointConfig, Log
 
 @dataclass
 class ModelSection:
-    """A preset plus field overrides, or ``init_from`` existing weights (gptforge checkpoint or HF GPT-2 dir)."""
+    """A preset plus field overrides, or ``init_from`` existing weights (gptforge checkpoint or HF directory).
+
+    ``family``: gpt2 (:mod:`gptforge.model`) or modern (:mod:`gptforge.model_modern`); unset, a ``modern-*`` preset
+    means modern. With ``family: modern`` a GPT-2 preset name picks its same-sized counterpart (mini → modern-mini).
+    """
 
     preset: str = "tiny"
+    family: str | None = None  # gpt2 | modern (default: from the preset)
     init_from: str | None = None
     init: str = "gpt2"  # gpt2: N(0, 0.02) + scaled residuals | torch_default: PyTorch's layer defaults (seed 004)
     vocab_size: int | None = None  # default: the data's tokenizer
@@ -47,6 +56,18 @@ class ModelSection:
     bias: bool | None = None
     qkv_bias: bool | None = None
     tie_embeddings: bool | None = None
+    # the modern family's choices (ablations: each can be switched back alone)
+    n_kv_head: int | None = None  # grouped-query attention
+    mlp_hidden: int | None = None
+    norm: str | None = None  # rmsnorm | layernorm
+    mlp: str | None = None  # swiglu | gelu | relu2
+    pos: str | None = None  # rope | learned
+    qk_norm: bool | None = None
+    rope_theta: float | None = None
+
+
+_GPT2_ONLY = ("bias", "qkv_bias")
+_MODERN_ONLY = ("n_kv_head", "mlp_hidden", "norm", "mlp", "pos", "qk_norm", "rope_theta")
 
 
 @dataclass
@@ -207,15 +228,38 @@ def _manifest(data: Path) -> dict | None:
         return None
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int | None) -> GPTConfig:
-    """Preset + overrides; the vocabulary defaults to the tokenizer's."""
+def model_family(m: ModelSection) -> str:
+    """``model.family``, or the preset's family when unset."""
+    family = m.family or ("modern" if m.preset in MODERN_PRESETS else "gpt2")
+    if family not in FAMILIES:
+        raise GptforgeError(f"model.family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return family
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int | None) -> GPTConfig | ModernConfig:
+    """Preset + overrides, of the model's family; the vocabulary defaults to the tokenizer's."""
     m = cfg.model
-    if m.preset not in PRESETS:
-        raise GptforgeError(f"unknown model.preset {m.preset!r}; choose one of: {', '.join(PRESETS)}")
-    fields = {k: v for k, v in asdict(m).items() if k not in ("preset", "init_from", "init") and v is not None}
-    base = dict(PRESETS[m.preset])
+    family = model_family(m)
+    presets = MODERN_PRESETS if family == "modern" else PRESETS
+    name = m.preset
+    if family == "modern" and name not in presets and f"modern-{name}" in presets:
+        name = f"modern-{name}"  # the same-sized counterpart of a GPT-2 preset
+    if name not in presets:
+        raise GptforgeError(f"unknown {family} model.preset {m.preset!r}; choose one of: {', '.join(presets)}")
+    other = _GPT2_ONLY if family == "modern" else _MODERN_ONLY
+    wrong = [k for k in other if getattr(m, k) is not None]
+    if wrong:
+        raise GptforgeError(f"model.{wrong[0]} does not apply to the {family} family (model.family={family}); "
+                            "drop it or change model.family")
+    skip = ("preset", "family", "init_from", "init")
+    fields = {k: v for k, v in asdict(m).items() if k not in skip and v is not None}
+    base = dict(presets[name])
     if vocab_size is not None and m.vocab_size is None:
         base["vocab_size"] = vocab_size
+    if family == "modern" and m.mlp_hidden is None and (m.n_embd is not None or m.mlp is not None):
+        base.pop("mlp_hidden", None)  # a preset's width fits its own d and MLP; another gets the default width
+    if family == "modern":
+        return from_dict(ModernConfig, {**base, **fields}, where="model")
     return from_dict(GPTConfig, {**base, **fields}, where="model")
 
 
@@ -329,7 +373,7 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_config = _dry_model_config(cfg)
     with torch.device("meta"):
-        model = GPT(model_config)
+        model = build_model(model_config)
     mb = cfg.train.micro_batch if isinstance(cfg.train.micro_batch, int) else 1
     micro_auto = not isinstance(cfg.train.micro_batch, int)
     if micro_auto and cfg.train.micro_batch != "auto":
@@ -359,7 +403,8 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
         "memory_per_process": {k: v for k, v in mem.rows()}, "train_tokens_available": plan.train_tokens,
     }
     log(f"dry run: {cfg.name} → {cfg.run_dir}")
-    log(f"  model: {model_config.n_layer}L/{model_config.n_embd}d/{model_config.n_head}H, vocab "
+    log(f"  model: {getattr(model_config, 'family', 'gpt2')} {model_config.n_layer}L/{model_config.n_embd}d/"
+        f"{model_config.n_head}H, vocab "
         f"{model_config.vocab_size}, context {model_config.block_size}: {info['params']:,} parameters"
         + (f" (weights from {cfg.model.init_from})" if cfg.model.init_from else ""))
     log(f"  batch: {plan.global_batch} sequences × {plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step "
@@ -371,7 +416,8 @@ def dry_run(cfg: PretrainConfig, log=print) -> dict:
     else:
         log(f"  length: {plan.total_steps:,} steps, {plan.total_tokens:,} tokens "
             f"({plan.total_tokens / max(1, plan.params):.1f} tokens/parameter), warmup {plan.warmup_steps} steps, "
-            f"{cfg.optim.schedule} schedule, lr {cfg.optim.lr:g}")
+            f"{cfg.optim.schedule} schedule, lr {cfg.optim.lr:g}"
+            + (f", Muon for hidden matrices at lr {cfg.optim.muon_lr:g}" if cfg.optim.name == "muon" else ""))
     if length_unknown:
         info["total_flops"] = None
     log(f"  compute: {info['total_flops'] or 0:.3e} FLOPs; precision {precision}; compile {cfg.train.compile}")

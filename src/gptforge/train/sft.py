@@ -11,7 +11,8 @@ weights, and writes greedy responses for the test split to ``test_responses.json
 
 Run directory: ``config.yaml``, ``metrics.jsonl``, ``loss.png``, ``ckpt/step_NNNNNNN/`` (model + tokenizer with its
 chat template, optimizer and trainer state), ``ckpt/best`` and ``ckpt/latest`` (the run's final model),
-``test_responses.json``, ``summary.json``.
+``test_responses.json``, ``summary.json``. With LoRA (``lora.r``, :mod:`gptforge.train.lora`) the checkpoints hold
+the merged weights (+ ``lora/`` for resume) and ``adapter/`` is the adapter alone, in peft's format.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from gptforge.io import write_json
 from gptforge.model import GPT
 from gptforge.train import checkpoint as C
 from gptforge.train import distributed as D
+from gptforge.train import lora as L
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,
@@ -66,6 +68,7 @@ from gptforge.train.core import (
     start_checkpointing,
     teardown_runtime,
 )
+from gptforge.train.lora import LoraSection
 from gptforge.train.nonfinite import NonFiniteGuard
 
 __all__ = [
@@ -135,6 +138,7 @@ class SFTConfig:
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(keep_last=1))
     log: LogConfig = field(default_factory=LogConfig)
     generate: SFTGenerateConfig = field(default_factory=SFTGenerateConfig)
+    lora: LoraSection = field(default_factory=LoraSection)  # r > 0: train LoRA adapters (gptforge.train.lora)
 
     @staticmethod
     def migrate(data: dict) -> dict:
@@ -159,6 +163,7 @@ class SFTConfig:
         t.validate_common()
         self.optim.validate()
         self.checkpoint.validate()
+        self.lora.validate()
         return self
 
 
@@ -320,6 +325,10 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     max_len = dc.max_len or model.config.block_size
     if max_len > model.config.block_size:
         raise GptforgeError(f"data.max_len {max_len} exceeds the model's context {model.config.block_size}")
+    if config.lora.r:  # the added chat tokens' rows train too: a frozen copy of the mean would leave them equal
+        model = L.apply_lora(model, config.lora, new_tokens=[tokenizer.special_tokens[t] for t in added],
+                             frozen_dtype=rt.precision.dtype)
+        log(L.describe(model) + "; " + L.memory_line(model, tc.batch_size, max_len, rt.precision.name))
 
     # data: deterministic split → tokens
     if dc.limit:
@@ -376,8 +385,12 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
     state = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "initial_val_loss": None, "val_losses": [],
              "stopped_early": False, "nonfinite_steps": 0, "skipped_steps": 0, "elapsed": 0.0}
     keeper = BestKeeper(mode="min", patience=tc.patience)
+
+    def load_weights(d: Path) -> None:  # a checkpoint's weights (with LoRA: its adapters' exact state too)
+        L.load_weights(model, d, C.load_weights(d, model.config.tie_embeddings))
+
     if resume_dir is not None:
-        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=lambda d: C.load_gpt_weights(model, d),
+        trainer_state = restore_checkpoint(resume_dir, rt, load_weights=load_weights,
                                            load_optimizer=optimizer.load_state_dict, scaler=scaler)
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
         keeper.load_state_dict(trainer_state["keeper"])
@@ -394,7 +407,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         run.log({"step": step, **guard.period()})  # exploding-gradient counts of the checkpoint period
         trainer_state = {**state, "keeper": keeper.state_dict(), "config": asdict(config)}
         return save_training_checkpoint(
-            rt, run, step, write_model=C.gpt_writer(model, tokenizer, None, {**extra, "step": step, "val_loss": val}),
+            rt, run, step, write_model=L.gpt_writer(model, tokenizer, {**extra, "step": step, "val_loss": val}),
             optimizer_state={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
             trainer_state=trainer_state, keep_last=config.checkpoint.keep_last, is_best=is_best)
 
@@ -462,7 +475,9 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         log(f"early stopping: {tc.patience} evaluation(s) without improvement")
 
     # final model: the best weights when validated, else the last ones
-    final = finish_with_best(rt, run, keeper, lambda d: C.load_gpt_weights(model, d), interrupted)
+    final = finish_with_best(rt, run, keeper, load_weights, interrupted)
+    if L.has_lora(model) and not interrupted:  # adapter/ for peft, and the merged model from here on
+        model = L.finish_lora(model, run_dir, config.base, tokenizer, rt.is_main, log)
     run.plot()
 
     result = SFTResult(run_dir=run_dir, checkpoint=final, steps=state["step"],
