@@ -378,7 +378,8 @@ def _run(config: DPOConfig, rt: Runtime, stop: StopFlag, progress: bool) -> DPOR
             state["initial_val"] = evaluate(val_set, "val_")
             log(f"before tuning: val loss {state['initial_val']['val_loss']:.4f}, the policy prefers the chosen "
                 f"answer in {state['initial_val']['val_logps_accuracy']:.1%} of validation pairs")
-            run.log({"step": 0, "epoch": 0, **state["initial_val"]})
+            run.log({"step": 0, "epoch": 0, **state["initial_val"],
+                     "val_accuracy": state["initial_val"]["val_rewards_accuracies"]})
         if test_set:
             state["initial_test"] = evaluate(test_set, "test_")
 
