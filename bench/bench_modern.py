@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import _busy_s, _children_cpu_s, cpu_info, cpu_line, wait_quiet  # noqa: E402  (machine facts)
+from bench_loop import _busy_s, _children_cpu_s, cpu_info, cpu_line, wait_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -116,7 +116,7 @@ def launch(name: str, flags: list[str], steps: int, data: Path, work: Path, env:
            f"--optim.warmup_steps={max(1, steps // 20)}", f"--eval.interval={eval_every}",
            f"--data.val_tokens={val_tokens}"]
     (work / "logs").mkdir(exist_ok=True)
-    log = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed in finish)
+    log = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed in finish()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return {"name": name, "cmd": cmd, "proc": proc, "log": log, "t0": time.perf_counter(), "work": work}
 
@@ -166,15 +166,16 @@ def curve(run: dict, tpb: float) -> list[tuple[float, int, float, float]]:
     return out
 
 
-def time_to(points: list[tuple], target: float) -> float | None:
-    """First training time at which the held-out loss reaches ``target`` (interpolated between evaluations)."""
+def time_to(points: list[tuple], target: float, axis: int = 0) -> float | None:
+    """First training time (``axis=0``; step with ``axis=1``) at which the held-out loss reaches ``target``,
+    interpolated linearly between evaluations."""
     prev = None
     for p in points:
         if p[2] <= target:
             if prev is None:
-                return p[0]
-            (t0, _, l0, _), (t1, _, l1, _) = prev, p
-            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 != l1 else t1
+                return p[axis]
+            x0, l0, x1, l1 = prev[axis], prev[2], p[axis], p[2]
+            return x0 + (x1 - x0) * (l0 - target) / (l0 - l1) if l0 != l1 else x1
         prev = p
     return None
 
@@ -215,29 +216,33 @@ def markdown(result: dict) -> str:
         "## Modern family + Muon vs GPT-2 + AdamW (bench/bench_modern.py)",
         "",
         f"- {result['cpu_line']}",
-        f"- Date: {result['started']} → {result['finished']} UTC; {result['threads']} torch thread(s) per run, "
+        (f"- Date: {result['started']} → {result['finished']} UTC; {result['threads']} torch thread(s) per run, "
         f"{result['together']} runs side by side (pairs: {'; '.join(' + '.join(p) for p in result['pairs'])}); "
-        f"precision auto → {base['summary'].get('precision')} ({base['summary'].get('precision_reason')})",
+        f"precision auto → {base['summary'].get('precision')} ({base['summary'].get('precision_reason')})"),
         f"- Command: `{result['command']}`",
-        f"- Data: the quickstart corpus (tinyshakespeare + WikiText-2 test + TinyStories sample) in its 4,096-token "
+        (f"- Data: the quickstart corpus (tinyshakespeare + WikiText-2 test + TinyStories sample) in its 4,096-token "
         f"BPE, 5% held out; held-out slice {result['val_tokens']:,} tokens ({result['tokens_per_byte']:.4f} "
         "tokens/byte). Sequence 256, micro-batch 16, cosine schedule with 5% warmup, AdamW lr 2e-3 wd 0.1, "
-        "seed 1337; Muon lr 0.02, momentum 0.95 Nesterov, 5 Newton–Schulz steps (fp32 on CPU).",
-        f"- Budget: {result['budget_s']:.0f} s of training per arm (steps = budget ÷ calibrated step time); target "
-        f"= the baseline's final held-out loss {result['target_loss']:.4f} ({result['target_bpb']:.4f} bits/byte).",
+        "seed 1337; Muon lr 0.02, momentum 0.95 Nesterov, 5 Newton–Schulz steps (fp32 on CPU)."),
+        (f"- Budget: {result['budget_s']:.0f} s of training per arm (steps = budget ÷ calibrated step time); target "
+        f"= the baseline's final held-out loss {result['target_loss']:.4f} ({result['target_bpb']:.4f} bits/byte)."),
         "",
-        "| arm | change | params | steps | s/step | train s | CPU s | final held-out bits/byte | time to baseline's "
-        "final loss | vs baseline | other CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| arm | change | params | steps | s/step | train s | CPU s | final held-out bits/byte | time to baseline's "
+        "final loss | vs baseline | steps to it | steps × s/step vs baseline | other CPU |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     t_base = base["time_to_target"]
+    cost_base = base["steps"] * base["step_s"]
     for name, arm in result["arms"].items():
         t = arm["time_to_target"]
+        n = time_to(arm["curve"], result["target_loss"], axis=1)
         ratio = f"{t / t_base:.2f}×" if t is not None and t_base else "not reached"
+        est = f"{n * arm['step_s'] / cost_base:.2f}×" if n is not None else "not reached"
         lines.append(
             f"| {name} | {arm['what']} | {arm['params']:,} | {arm['steps']:,} | {arm['step_s']:.3f} | "
-            f"{arm['train_s']:.0f} | {arm['cpu_s']:.0f} | {arm['curve'][-1][3]:.4f} | {f'{t:.0f} s' if t is not None else '—'} | "
-            f"{ratio} | {arm['other_cpu']:.0%} |")
+            f"{arm['train_s']:.0f} | {arm['cpu_s']:.0f} | {arm['curve'][-1][3]:.4f} | "
+            f"{f'{t:.0f} s' if t is not None else '—'} | {ratio} | {f'{n:.0f}' if n is not None else '—'} | {est} | "
+            f"{arm['other_cpu']:.0%} |")
     mm = result["arms"]["modern-muon"]["time_to_target"]
     verdict = ("met" if mm is not None and mm <= 0.5 * t_base else "not met")
     lines += [
@@ -246,12 +251,16 @@ def markdown(result: dict) -> str:
         + (f" ({mm / t_base:.2f}× of the baseline's {t_base:.0f} s)." if mm is not None else "."),
         "",
         *ablation_table(result),
+        *[*result.get("notes", []), ""][: len(result.get("notes", [])) + bool(result.get("notes"))],
         "![held-out bits per byte over training time](out/modern.png)",
         "",
-        "_time to target: training seconds (sum of per-step times; evaluations excluded) until the held-out loss "
+        ("_time to target: training seconds (sum of per-step times; evaluations excluded) until the held-out loss "
         "first reaches the baseline's final value, interpolated between evaluations (every ~1/24 of a run). "
+        "steps × s/step: the same from the step at which the target is reached and the step times calibrated side "
+        "by side — insensitive to load that changes *during* the runs (the direct time compares one arm's middle "
+        "with the other's end, which a shared machine may run at different speeds). "
         "CPU s: the run's process CPU time (startup and evaluations included). other CPU: busy share of the "
-        "machine's cores used by processes outside this benchmark while the pair ran._",
+        "machine's cores used by processes outside this benchmark while the pair ran._"),
         "",
     ]
     return "\n".join(lines)
@@ -266,13 +275,15 @@ def ablation_table(result: dict) -> list[str]:
              "schedule), two runs side by side; the held-out bits/byte after the last step, and the step time "
              "measured beside its pair partner (comparable within a pair only: "
              + "; ".join(" + ".join(p) for p in result["ablation_pairs"]) + ").", "",
-             "| run | change | params | final held-out bits/byte | vs gpt2-adamw | s/step | other CPU |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             ("| run | change | params | final held-out bits/byte | vs gpt2-adamw | steps to gpt2-adamw's final loss "
+             "| s/step | other CPU |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, arm in abl.items():
         bpb = arm["curve"][-1][3]
         delta = f"{bpb - ref['curve'][-1][3]:+.4f}" if ref else "—"
-        lines.append(f"| {name} | {arm['what']} | {arm['params']:,} | {bpb:.4f} | {delta} | {arm['step_s']:.3f} | "
-                     f"{arm['other_cpu']:.0%} |")
+        n = time_to(arm["curve"], ref["curve"][-1][2], axis=1) if ref else None
+        lines.append(f"| {name} | {arm['what']} | {arm['params']:,} | {bpb:.4f} | {delta} | "
+                     f"{f'{n:.0f}' if n is not None else '—'} | {arm['step_s']:.3f} | {arm['other_cpu']:.0%} |")
     return [*lines, ""]
 
 
@@ -291,7 +302,13 @@ def main() -> None:
     p.add_argument("--ablation-steps", type=int, default=200, help="steps of every ablation run (equal tokens)")
     p.add_argument("--only", nargs="*", default=None, help="run only these ablation arms")
     p.add_argument("--out", type=Path, default=OUT / "modern.json")
+    p.add_argument("--report-only", action="store_true", help="re-render the chart and markdown from --out")
     a = p.parse_args()
+    if a.report_only:
+        result = json.loads(a.out.read_text())  # a "notes" list of markdown lines, when added, is rendered too
+        chart(result, a.out.with_suffix(".png"))
+        (ROOT / "bench" / "results_modern.md").write_text(markdown(result), encoding="utf-8")
+        return
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(a.src.resolve()),
            "TOKENIZERS_PARALLELISM": "false"}
