@@ -286,3 +286,35 @@ def test_hellaswag_hook_logs_accuracy_on_a_fixed_subset(shakespeare_shards, tmp_
     scored = [r for r in records if "hellaswag_acc" in r]
     assert [r["step"] for r in scored] == [2, 4]  # records carry the number of steps completed
     assert all(r["hellaswag_n"] == 8 and 0 <= r["hellaswag_acc_norm"] <= 1 for r in scored)
+
+
+def test_core_hook_logs_the_subset_score_that_eval_core_gives(shakespeare_shards, tmp_path, data_dir, small_config,
+                                                              monkeypatch):
+    from gptforge.checkpoint import load_model
+    from gptforge.eval.core import evaluate_core
+    from gptforge.train.metrics import plot_metrics
+
+    monkeypatch.setenv("GPTFORGE_DATA_DIR", str(data_dir))
+    tasks = ["copa", "winogrande", "lambada_openai", "arc_easy"]
+    cfg = small_config(shakespeare_shards, tmp_path, steps=4)
+    cfg.eval.core_interval = 2
+    cfg.eval.core_items = 12
+    cfg.eval.core_tasks = tasks
+    run_pretrain(cfg)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "core" in r]
+    assert [r["step"] for r in scored] == [2, 4]
+    assert all(r["core_n"] == 48 and r["core_entries"] == 4 and -1 <= r["core"] <= 1 for r in scored)
+    # the last record's number is what `eval core --max-per-task 12` gives for the final weights
+    model, tokenizer, _ = load_model(cfg.run_dir)
+    result = evaluate_core(model, tokenizer, max_per_task=12, tasks=tasks, show_progress=False, log=None)
+    assert scored[-1]["core"] == pytest.approx(result["score"], abs=1e-12)
+    assert plot_metrics(cfg.run_dir / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_core_tasks_are_checked_before_training(shakespeare_shards, tmp_path, small_config):
+    cfg = small_config(shakespeare_shards, tmp_path, steps=2)
+    cfg.eval.core_interval = 1
+    cfg.eval.core_tasks = ["copa", "not_a_task"]
+    with pytest.raises(GptforgeError, match="unknown CORE task.*not_a_task"):
+        cfg.validate()

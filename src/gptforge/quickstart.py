@@ -42,7 +42,8 @@ class QuickstartConfig:
     instructions: str = "instruction-data"
     hellaswag: str = "hellaswag"
     vocab_size: int = 4096
-    preset: str = "mini"
+    preset: str = "mini"  # a GPT-2 preset, or a modern one (modern-mini: RoPE/RMSNorm/SwiGLU, see model_modern.py)
+    optimizer: str = "adamw"  # pretraining optimizer: adamw | muon (Muon for the blocks' matrices)
     seq_len: int = 256
     val_fraction: float = 0.02
     pretrain_steps: int = 700
@@ -136,7 +137,8 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
     tok_result = stages.run("tokenizer", p_tok, ["tokenizer"], lambda: _stage_tokenizer(cfg, corpus, out))
     p_data = _params(cfg, "corpus", "val_fraction", upstream=p_tok)
     data_result = stages.run("data", p_data, ["data"], lambda: _stage_data(cfg, corpus, out))
-    p_pre = _params(cfg, "preset", "seq_len", "pretrain_steps", "micro_batch", "lr", "seed", upstream=p_data)
+    p_pre = _params(cfg, "preset", "optimizer", "seq_len", "pretrain_steps", "micro_batch", "lr", "seed",
+                    upstream=p_data)
     pre_result = stages.run("pretrain", p_pre, ["pretrain"], lambda: _stage_pretrain(cfg, out))
     p_sft = _params(cfg, "instructions", "sft_epochs", "sft_lr", "sft_batch_size", "sft_max_len", "test_responses",
                     "seed", upstream=p_pre, data=data.instructions.sha256 or data.instructions.path)
@@ -327,7 +329,7 @@ def _stage_pretrain(cfg: QuickstartConfig, out: Path) -> dict:
         model=ModelSection(preset=cfg.preset, block_size=cfg.seq_len),
         data=DataSection(path=str(out / "data"), tokenizer=str(out / "tokenizer"), seq_len=cfg.seq_len),
         train=TrainSection(micro_batch=cfg.micro_batch, max_steps=steps, precision=cfg.precision, seed=cfg.seed),
-        optim=OptimConfig(lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.1),
+        optim=OptimConfig(name=cfg.optimizer, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.1),
         eval=EvalSection(interval=max(1, steps // 5), sample_interval=0, sample_prompts=["The ", "Once upon a time"]),
         checkpoint=CheckpointConfig(interval=max(1, steps // 2), keep_last=2),
         log=LogConfig(progress=True),
@@ -488,6 +490,7 @@ def _commands(cfg: QuickstartConfig, out: Path, data: QuickstartData) -> list[st
         f"--val-fraction {cfg.val_fraction} --out {out}/data",
         f"gptforge pretrain --model.preset={cfg.preset} --model.block_size={cfg.seq_len} --data.path={out}/data "
         f"--train.max_steps={cfg.pretrain_steps} --train.micro_batch={cfg.micro_batch} --optim.lr={cfg.lr} "
+        + (f"--optim.name={cfg.optimizer} " if cfg.optimizer != "adamw" else "") +
         f"--name=pretrain --out_dir={out}",
         f"gptforge sft --checkpoint {out}/pretrain --data {data.instructions.path} --out-dir {out} --name sft",
         f"gptforge eval loss --checkpoints {out}/pretrain {out}/sft --data {out}/data",

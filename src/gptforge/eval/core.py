@@ -255,6 +255,34 @@ def evaluate_core(model, tokenizer, max_per_task: int | None = None, data_dir: s
     }
 
 
+def load_subset(tasks: list[str] | None, max_per_task: int, data_dir: str | Path | None = None
+                ) -> list[tuple[CoreEntry, list[dict]]]:
+    """The items :func:`core_hook` scores, loaded once: each available entry's seeded sample of ``max_per_task``."""
+    found, loaded, subset = plan(tasks, max_per_task, data_dir), {}, []
+    for e, where in found:
+        if where is None:
+            continue
+        if where not in loaded:
+            loaded[where] = load_entry(e, *where)
+        subset.append((e, sample_items(loaded[where], max_per_task)))
+    return subset
+
+
+def core_hook(model, tokenizer, subset: list[tuple[CoreEntry, list[dict]]], batch_size: int = 32) -> dict:
+    """CORE on a fixed subset (from :func:`load_subset`), for a training loop to call every N steps.
+
+    Returns ``{"core", "core_n", "core_entries"}``: the mean centered accuracy, the items scored and the number of
+    entries (a cheap estimate of the full score, comparable across steps of one run).
+    """
+    centered, n = [], 0
+    for e, items in subset:
+        r = evaluate_icl(model, tokenizer, items, e.task_type, e.num_fewshot, e.delimiter, batch_size=batch_size,
+                         show_progress=False, desc=e.label)
+        centered.append(centered_accuracy(r["accuracy"], e.baseline))
+        n += r["n"]
+    return {"core": sum(centered) / len(centered), "core_n": n, "core_entries": len(centered)}
+
+
 def format_table(result: dict) -> str:
     """A markdown table: one row per entry, then the mean with its label."""
     lines = ["| task | type | shots | n | accuracy | baseline % | centered | items/s |",

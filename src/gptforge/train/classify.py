@@ -37,6 +37,7 @@ from gptforge.data.labelled import ClassifyDataConfig, balance_classes, class_or
 from gptforge.errors import GptforgeError
 from gptforge.io import write_json
 from gptforge.model import GPT, GPTConfig
+from gptforge.model_modern import build_model
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train import lora as L
 from gptforge.train.core import (
@@ -287,7 +288,7 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[Classifier, object,
     if not isinstance(info, dict) or not isinstance(info.get("labels"), list) or not info["labels"]:
         raise GptforgeError(f"{directory / META}: no \"classifier\" section with a list of labels; the file is "
                             "damaged or not a gptforge classifier")
-    model = Classifier(GPT(model_config(meta, directory, META)), len(info["labels"]))
+    model = Classifier(build_model(model_config(meta, directory, META)), len(info["labels"]))
     try:
         model.load_state_dict(_load_weights(directory), strict=True)
     except RuntimeError as e:

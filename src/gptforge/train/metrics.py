@@ -103,7 +103,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float | None = None,
                  points: int = 100) -> Path | None:
     """Draw ``loss.png`` for any stage: train loss (interval mean with min/max band) + val loss, LR, grad norm
-    (max/mean), and accuracy when the records carry it (classifiers).
+    (max/mean), accuracy when the records carry it (classifiers), and in-training HellaSwag / CORE.
 
     Non-finite values are drawn at a cap just above the finite maximum, marked with an ×.
     """
@@ -137,7 +137,10 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
                 np.array([g.max() for g in groups]))
 
     accuracy = [(r["step"], r[k], k) for r in records for k in ("train_accuracy", "val_accuracy") if k in r]
-    ratios = [3, 1, 1.5] + ([1.5] if accuracy else [])
+    bench_keys = ("hellaswag_acc_norm", "core")  # in-training benchmarks (eval.hellaswag_interval, core_interval)
+    benchmarks = {k: [(r["step"], r[k]) for r in records if k in r] for k in bench_keys}
+    benchmarks = {k: v for k, v in benchmarks.items() if v}
+    ratios = [3, 1, 1.5] + ([1.5] if accuracy else []) + ([1.5] if benchmarks else [])
     fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 2.2 * sum(ratios) / 1.5 + 1), sharex=True,
                              gridspec_kw={"height_ratios": ratios})
     loss_c, loss_bad = capped(loss)
@@ -186,6 +189,15 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, grad_clip: float
             ax.plot(*zip(*va), "o-", color="C3", label="val accuracy")
         ax.set_ylabel("accuracy")
         ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    if benchmarks:  # HellaSwag acc_norm and CORE (centered accuracy: 0 = chance) over training
+        ax = axes[-1]
+        labels = {"hellaswag_acc_norm": "HellaSwag acc_norm", "core": "CORE subset (centered)"}
+        for i, (k, pts) in enumerate(benchmarks.items()):
+            ax.plot(*zip(*pts), "o-", color=f"C{4 + i}", label=labels[k])
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_ylabel("benchmark")
+        ax.legend(loc="upper left")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step (optimizer steps completed)")
     fig.tight_layout()

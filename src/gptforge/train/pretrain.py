@@ -290,6 +290,11 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
         from gptforge.eval.tasks import load_hellaswag
 
         hellaswag_items = load_hellaswag(cfg.eval.hellaswag_data, limit=cfg.eval.hellaswag_items)
+    core_subset = None  # the same for CORE: a seeded sample of every entry, loaded once
+    if cfg.eval.core_interval and rt.is_main and not sharded:
+        from gptforge.eval.core import load_subset
+
+        core_subset = load_subset(cfg.eval.core_tasks, cfg.eval.core_items)
 
     def write_samples(step: int) -> None:
         if not rt.is_main or sharded:
@@ -353,6 +358,10 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
             from gptforge.eval.choice import hellaswag_hook
 
             record.update(hellaswag_hook(bare, tokenizer, hellaswag_items))
+        if core_subset and (state["step"] % cfg.eval.core_interval == 0 or done):
+            from gptforge.eval.core import core_hook
+
+            record.update(core_hook(bare, tokenizer, core_subset))
         diverged = guard.update(state["step"], stats)
         checkpoint_now = bool((cfg.checkpoint.interval and state["step"] % cfg.checkpoint.interval == 0) or done
                               or stop_now or diverged)

@@ -110,6 +110,9 @@ class EvalSection:
     hellaswag_interval: int = 0  # HellaSwag accuracy on a fixed subset every N steps (0: off)
     hellaswag_items: int = 200  # size of that subset (the first N validation items)
     hellaswag_data: str | None = None  # rowanz jsonl; default: the data dir's copy, else the hub
+    core_interval: int = 0  # CORE (centered accuracy, eval/core.py) on a fixed subset every N steps (0: off)
+    core_items: int = 50  # items per CORE entry in that subset (seeded sample, as `eval core --max-per-task`)
+    core_tasks: list[str] | None = None  # CORE entries to score (default: all whose data is found)
 
 
 @dataclass
@@ -153,12 +156,18 @@ class PretrainConfig:
                 raise GptforgeError(f"train.{key}={value}: must be a finite number > 0 (or unset)")
         if t.distributed not in ("ddp", "fsdp"):
             raise GptforgeError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
-        for key in ("interval", "sample_interval", "sample_tokens", "top_k", "hellaswag_interval"):
+        for key in ("interval", "sample_interval", "sample_tokens", "top_k", "hellaswag_interval", "core_interval"):
             if getattr(e, key) < 0:
                 raise GptforgeError(f"eval.{key}={getattr(e, key)}: must be >= 0 (0: off)")
         if not (math.isfinite(e.temperature) and e.temperature >= 0):
             raise GptforgeError(f"eval.temperature={e.temperature}: must be a finite number >= 0 (0: greedy)")
-        require_at_least_one(e, "eval", ("hellaswag_items",))
+        require_at_least_one(e, "eval", ("hellaswag_items", "core_items"))
+        if e.core_interval and e.core_tasks is not None:
+            from gptforge.eval.core import select_entries
+
+            if not isinstance(e.core_tasks, list) or not e.core_tasks:
+                raise GptforgeError(f"eval.core_tasks must be a non-empty list of CORE task names, got {e.core_tasks!r}")
+            select_entries(e.core_tasks)
         t.validate_common()
         self.optim.validate()
         self.checkpoint.validate()
