@@ -190,3 +190,41 @@ def test_torchrun_two_processes_match_one_process_with_muon(shakespeare_shards, 
     wa = load_file(str(tmp_path / "single" / "ckpt" / "step_0000004" / "model.safetensors"))
     wb = load_file(str(tmp_path / "ddp" / "ckpt" / "step_0000004" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_memory_estimate_counts_the_optimizer_state_the_optimizer_keeps(family, name):
+    from gptforge.memory import training_memory
+
+    if family == "modern":
+        config = ModernConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              tie_embeddings=False)
+        model = ModernGPT(config)
+    else:
+        config = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=16)
+        model = GPT(config)
+    opt = build_optimizer(model, OptimConfig(name=name, lr=1e-3))
+    model(torch.randint(0, 100, (2, 16)), targets=torch.randint(0, 100, (2, 16)))[1].backward()
+    opt.step()
+    kept = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.ndim > 0)
+    estimate = training_memory(config, 2, 16, "fp32", optimizer=name)
+    assert estimate.optimizer == kept
+    assert estimate.optimizer_name == ("Muon + AdamW" if name == "muon" else "AdamW")
+
+
+def test_model_info_prints_muon_and_dpo_estimates(capsys):
+    from gptforge.cli import main
+    from gptforge.memory import dpo_training_memory, training_memory
+    from gptforge.model_modern import PRESETS, config_from_dict
+
+    assert main(["model", "info", "--preset", "modern-124m", "--optimizer", "muon", "--dpo-pairs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer (Muon + AdamW)" in out and "DPO training memory, 4 pairs (8 sequences)" in out
+    assert "reference model" in out
+    config = config_from_dict({**PRESETS["modern-124m"], "family": "modern"})
+    plain = training_memory(config, 8, 1024)
+    dpo = dpo_training_memory(config, 4, 1024)  # 4 pairs train like 8 sequences, plus the frozen fp32 copy
+    assert dpo.total - dpo.reference == plain.total and dpo.reference > 4 * 124e6
+    assert dpo_training_memory(config, 4, 1024, reference="precomputed").total == plain.total

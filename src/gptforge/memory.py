@@ -26,14 +26,18 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     logits: float
+    optimizer_name: str = "AdamW"
+    reference: float = 0.0  # DPO: the frozen reference model
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reference
 
     def rows(self) -> list[tuple[str, float]]:
-        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
-                ("activations", self.activations), ("logits + loss", self.logits), ("total", self.total)]
+        return [("weights", self.weights), ("gradients", self.gradients),
+                (f"optimizer ({self.optimizer_name})", self.optimizer), ("activations", self.activations),
+                ("logits + loss", self.logits), *([("reference model", self.reference)] if self.reference else []),
+                ("total", self.total)]
 
 
 def _check_precision(precision: str) -> int:
@@ -43,12 +47,15 @@ def _check_precision(precision: str) -> int:
 
 
 def training_memory(config: GPTConfig, micro_batch: int, seq_len: int | None = None, precision: str = "bf16",
-                    flash: bool = True) -> MemoryEstimate:
-    """Bytes needed to train with AdamW at ``micro_batch × seq_len`` with fp32 master weights.
+                    flash: bool = True, optimizer: str = "adamw") -> MemoryEstimate:
+    """Bytes needed to train with AdamW (or Muon) at ``micro_batch × seq_len`` with fp32 master weights.
 
     Mixed precision keeps fp32 weights, gradients and two AdamW moments (16 bytes/parameter) and adds a
-    16-bit working copy of the weights; activations are 16-bit under autocast, 32-bit in fp32.
+    16-bit working copy of the weights; activations are 16-bit under autocast, 32-bit in fp32. With
+    ``optimizer="muon"`` the blocks' matrices keep one fp32 momentum buffer (4 bytes) instead of two moments.
     """
+    if optimizer not in ("adamw", "muon"):
+        raise GptforgeError(f"optimizer must be adamw or muon, got {optimizer!r}")
     act_bytes = _check_precision(precision)
     s = seq_len or config.block_size
     b, h, a, L, V = micro_batch, config.n_embd, config.n_head, config.n_layer, config.vocab_size
@@ -58,7 +65,33 @@ def training_memory(config: GPTConfig, micro_batch: int, seq_len: int | None = N
     activations = L * per_layer_16bit * act_bytes / 2 + s * b * h * act_bytes * 2  # + embeddings, final LN
     # Logits (activation dtype) are upcast to fp32 for the loss; softmax gradient is fp32 too.
     logits = b * s * V * (act_bytes + 4 + 4)
-    return MemoryEstimate(weights=weights, gradients=4 * n, optimizer=8 * n, activations=activations, logits=logits)
+    muon = muon_param_count(config) if optimizer == "muon" else 0
+    return MemoryEstimate(weights=weights, gradients=4 * n, optimizer=8 * (n - muon) + 4 * muon,
+                          activations=activations, logits=logits,
+                          optimizer_name="Muon + AdamW" if optimizer == "muon" else "AdamW")
+
+
+def muon_param_count(config) -> int:
+    """Parameters Muon updates: the 2-D matrices inside the blocks (embeddings, head and gains use AdamW)."""
+    return config.n_layer * sum(i * o for _, i, o in _block_linears(config))
+
+
+def dpo_training_memory(config: GPTConfig, pairs: int, seq_len: int | None = None, precision: str = "bf16",
+                        flash: bool = True, optimizer: str = "adamw", reference: str = "copy") -> MemoryEstimate:
+    """Bytes for DPO (:mod:`gptforge.train.dpo`) at ``pairs`` preference pairs per micro-batch.
+
+    The policy trains on the chosen and the rejected sequence of every pair (2·pairs rows). ``reference``:
+    ``copy`` — a frozen fp32 copy of the starting model (its no-grad forward keeps no activations, only one
+    batch of logits); ``precomputed`` (``--precompute-ref``) or ``none`` (SimPO; a LoRA policy uses itself with
+    adapters off) — nothing beyond the policy.
+    """
+    if reference not in ("copy", "precomputed", "none"):
+        raise GptforgeError(f"reference must be copy, precomputed or none, got {reference!r}")
+    policy = training_memory(config, 2 * pairs, seq_len, precision, flash, optimizer)
+    s = seq_len or config.block_size
+    ref = 4 * count_params(config) + 2 * pairs * s * config.vocab_size * 4 if reference == "copy" else 0
+    policy.reference = ref
+    return policy
 
 
 # LoRA: the default targets (the attention and MLP projections) of each family, under the model's module names.

@@ -20,6 +20,11 @@ def register(sub) -> None:
     info.add_argument("--seq-len", type=positive_int, default=None, help="default: the model's context length")
     info.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     info.add_argument("--no-flash", action="store_true", help="attention without fused kernels (stores scores)")
+    info.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                      help="optimizer state in the training estimate (muon: one buffer for the blocks' matrices)")
+    info.add_argument("--dpo-pairs", type=nonneg_int, default=0, metavar="N",
+                      help="also estimate DPO at N preference pairs per micro-batch (2N sequences) with a frozen "
+                           "reference copy, and with --precompute-ref")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     info.add_argument("--lora-r", type=nonneg_int, default=0,
@@ -79,14 +84,18 @@ def _lora_estimate(config, args, seq_len: int, params: int) -> dict:
 
 
 def run_info(args) -> int:
-    from gptforge.memory import human_bytes, human_count, model_summary, training_memory
+    from gptforge.memory import dpo_training_memory, human_bytes, human_count, model_summary, training_memory
 
     config = _config_from_args(args)
     s = model_summary(config, args.micro_batch, args.seq_len, args.precision)
-    train = training_memory(config, args.micro_batch, s["seq_len"], args.precision, flash=not args.no_flash)
+    flash = not args.no_flash
+    train = training_memory(config, args.micro_batch, s["seq_len"], args.precision, flash, args.optimizer)
     lora = _lora_estimate(config, args, s["seq_len"], s["params"]) if args.lora_r else None
+    dpo = {ref: dpo_training_memory(config, args.dpo_pairs, s["seq_len"], args.precision, flash, args.optimizer, ref)
+           for ref in ("copy", "precomputed")} if args.dpo_pairs else None
     if args.json:
-        out = {**s, "training": {k: v for k, v in train.rows()}, **({"lora_training": lora} if lora else {})}
+        out = {**s, "training": {k: v for k, v in train.rows()}, **({"lora_training": lora} if lora else {}),
+               **({"dpo_training": {ref: dict(m.rows()) for ref, m in dpo.items()}} if dpo else {})}
         print(json.dumps(out, indent=2))
         return 0
     c = config
@@ -99,20 +108,27 @@ def run_info(args) -> int:
               f"vocab {c.vocab_size}, tied={c.tie_embeddings}, bias={c.bias}, qkv_bias={c.qkv_bias}")
     print(f"parameters: {s['params']:,} ({human_count(s['params'])}); non-embedding {s['params_non_embedding']:,}")
     print(f"training FLOPs/token at T={s['seq_len']}: {s['flops_per_token']:.3e} (6N + 12·L·d·T)")
-    print(f"training memory, micro-batch {args.micro_batch} × {s['seq_len']} tokens, {args.precision}, AdamW:")
+    print(f"training memory, micro-batch {args.micro_batch} × {s['seq_len']} tokens, {args.precision}, "
+          f"{train.optimizer_name}:")
     for name, value in train.rows():
-        print(f"  {name:<20} {human_bytes(value):>12}")
+        print(f"  {name:<24} {human_bytes(value):>12}")
+    if dpo:
+        copy, pre = dpo["copy"], dpo["precomputed"]
+        print(f"DPO training memory, {args.dpo_pairs} pairs ({2 * args.dpo_pairs} sequences) × {s['seq_len']} "
+              f"tokens, {args.precision}, {copy.optimizer_name}; reference copy | --precompute-ref:")
+        for (name, value), (_, other) in zip(copy.rows(), [*pre.rows()[:-1], (None, 0.0), pre.rows()[-1]]):
+            print(f"  {name:<24} {human_bytes(value):>12} | {human_bytes(other):>12}")
     if lora:
         print(f"LoRA training memory, r={lora['r']} on {', '.join(lora['targets'])} ({lora['trainable']:,} trainable "
               f"parameters, {lora['trainable_share']:.2%}), micro-batch {args.micro_batch} × {s['seq_len']} tokens, "
               f"frozen weights in {args.precision}:")
         for name, value in lora["memory"].items():
-            print(f"  {name:<20} {human_bytes(value):>12}")
+            print(f"  {name:<24} {human_bytes(value):>12}")
         for gib in (16, 24, 40, 80):
             if lora["memory"]["total"] <= gib * 2**30 * 0.9:  # headroom: CUDA context, allocator fragmentation
                 print(f"  fits a {gib} GB GPU (with 10% to spare)")
                 break
     print(f"inference memory, batch 1 × {s['seq_len']} tokens, {args.precision} weights + KV cache:")
     for name, value in s["inference"].items():
-        print(f"  {name:<20} {human_bytes(value):>12}")
+        print(f"  {name:<24} {human_bytes(value):>12}")
     return 0
