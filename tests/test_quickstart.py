@@ -67,3 +67,18 @@ def test_offline_without_a_named_dataset_names_the_missing_file(tmp_path, capsys
     assert main(["quickstart", "--smoke", "--out", str(tmp_path / "run"), "--corpus=[wikitext2]"]) == 2
     err = capsys.readouterr().err
     assert "wikitext2-raw-test.txt" in err and str(tmp_path / "empty") in err
+
+
+def test_dpo_stage_runs_after_sft_and_reports_held_out_reward_accuracy(smoke_run, capsys):
+    assert main(["quickstart", "--smoke", "--dpo", "--out", str(smoke_run)]) == 0
+    out = capsys.readouterr().out
+    assert "[sft] up to date" in out and "[dpo] running" in out
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    before, after = summary["dpo"]["initial_test"], summary["dpo"]["test"]
+    assert before["test_rewards_accuracies"] == 0.0 or before["test_rewards_margins"] == pytest.approx(0, abs=1e-3)
+    assert 0 <= after["test_rewards_accuracies"] <= 1 and summary["dpo"]["steps"] > 0
+    assert (smoke_run / "dpo" / "loss.png").is_file()
+    md = (smoke_run / "report.md").read_text()
+    assert "## Preference tuning (DPO)" in md and "gptforge dpo --checkpoint" in md
+    prefs = [f for f in summary["data_sources"]["files"] if f["role"] == "preferences"]
+    assert prefs and prefs[0]["sha256"] == "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"

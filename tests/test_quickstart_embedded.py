@@ -27,7 +27,7 @@ def no_data_dir(tmp_path, monkeypatch):
 
 def test_manifest_hashes_sizes_and_licenses_match_the_files(data_dir):
     manifest = json.loads((EMBEDDED / "manifest.json").read_text())["datasets"]
-    assert set(manifest) == {"tinyshakespeare", "instruction-data", "hellaswag"}
+    assert set(manifest) == {"tinyshakespeare", "instruction-data", "instruction-preference", "hellaswag"}
     notice = (EMBEDDED / "NOTICE").read_text()
     total = 0
     for name, info in manifest.items():
@@ -55,6 +55,7 @@ def test_resolution_falls_back_to_the_embedded_copy_without_a_data_dir(no_data_d
     found = registry.locate("tinyshakespeare")
     assert (found.origin, found.path) == ("embedded", EMBEDDED / "pretrain" / "tinyshakespeare.txt")
     assert registry.resolve("book-instructions") == EMBEDDED / "instruct" / "instruction-data.json"  # alias
+    assert registry.resolve("book-preferences") == EMBEDDED / "instruct" / "instruction-data-with-preference.json"
     # the HellaSwag copy is a subset: only for callers that accept one (the quickstart), never silently
     with pytest.raises(GptforgeError, match="hellaswag_val.jsonl"):
         registry.resolve("hellaswag")
@@ -101,6 +102,7 @@ def test_quickstart_on_embedded_data_reports_where_its_data_came_from(no_data_di
     monkeypatch.chdir(no_data_dir)
     cfg = smoke_config(str(no_data_dir / "run"))
     cfg.pretrain_steps, cfg.sft_batch_size, cfg.test_responses, cfg.hellaswag_items = 5, 32, 2, 4
+    cfg.dpo, cfg.dpo_limit = True, 40  # the preference pairs are embedded too
     from gptforge.quickstart import run_quickstart
 
     summary = run_quickstart(cfg, say=lambda _: None)

@@ -31,7 +31,7 @@ from pathlib import Path
 from gptforge.errors import GptforgeError
 from gptforge.io import write_json
 
-STAGES = ("tokenizer", "data", "pretrain", "sft", "eval", "samples")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "dpo", "eval", "samples")
 DEFAULT_CORPUS = ("tinyshakespeare", "wikitext2", "tinystories")
 
 
@@ -54,6 +54,12 @@ class QuickstartConfig:
     sft_batch_size: int = 16
     sft_max_len: int = 256
     test_responses: int = 40
+    dpo: bool = False  # an optional DPO stage after SFT (--dpo), on the book's preference pairs
+    preferences: str = "instruction-preference"
+    dpo_lr: float = 1e-4  # bench/results_dpo.md: what moves a CPU-sized model in one epoch
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 1
+    dpo_limit: int | None = None  # only N pairs (seeded sample)
     hellaswag_items: int = 300
     seed: int = 1337
     workers: int = 0
@@ -63,7 +69,8 @@ class QuickstartConfig:
 def smoke_config(out: str) -> QuickstartConfig:
     """A seconds-long variant for tests: tiny vocabulary, model and step counts."""
     return QuickstartConfig(out=out, vocab_size=512, preset="tiny", seq_len=64, pretrain_steps=30, micro_batch=8,
-                            sft_epochs=1, sft_batch_size=8, sft_max_len=64, test_responses=4, hellaswag_items=12)
+                            sft_epochs=1, sft_batch_size=8, sft_max_len=64, test_responses=4, hellaswag_items=12,
+                            dpo_limit=120)
 
 
 class Stages:
@@ -143,15 +150,20 @@ def run_quickstart(cfg: QuickstartConfig, fresh: bool = False, say: Callable[[st
     p_sft = _params(cfg, "instructions", "sft_epochs", "sft_lr", "sft_batch_size", "sft_max_len", "test_responses",
                     "seed", upstream=p_pre, data=data.instructions.sha256 or data.instructions.path)
     sft_result = stages.run("sft", p_sft, ["sft"], lambda: _stage_sft(cfg, instructions, out))
+    dpo_result = None
+    if cfg.dpo:
+        p_dpo = _params(cfg, "preferences", "dpo_lr", "dpo_beta", "dpo_epochs", "dpo_limit", "seed", upstream=p_sft,
+                        data=data.preferences.sha256 or data.preferences.path)
+        dpo_result = stages.run("dpo", p_dpo, ["dpo"], lambda: _stage_dpo(cfg, data.preferences.path, out))
     p_eval = _params(cfg, "hellaswag_items", upstream=p_sft, data=data.hellaswag.sha256 or data.hellaswag.path)
     eval_result = stages.run("eval", p_eval, ["eval"], lambda: _stage_eval(cfg, hellaswag, out))
     samples = stages.run("samples", _params(cfg, "seed", upstream=p_sft), ["samples.json"],
                          lambda: _stage_samples(cfg, out))
 
     timings = {name: json.loads((out / ".stages" / f"{name}.json").read_text())["result"].get("seconds")
-               for name in STAGES}
+               for name in STAGES if name != "dpo" or cfg.dpo}
     summary = {"tokenizer": tok_result, "data": data_result, "pretrain": pre_result, "sft": sft_result,
-               "eval": eval_result, "samples": samples, "timings": timings, "skipped": stages.skipped,
+               "dpo": dpo_result, "eval": eval_result, "samples": samples, "timings": timings, "skipped": stages.skipped,
                "wall_seconds": time.perf_counter() - wall, "config": asdict(cfg), "data_sources": data.to_dict()}
     write_json(out / "summary.json", summary, default=str)
     _write_report(cfg, out, summary, data)
@@ -191,9 +203,10 @@ class QuickstartData:
     instructions: DataFile
     hellaswag: DataFile
     skipped: list[dict] = field(default_factory=list)  # default corpora without a local or embedded copy
+    preferences: DataFile | None = None  # with --dpo
 
     def files(self) -> list[DataFile]:
-        return [*self.corpus, self.instructions, self.hellaswag]
+        return [*self.corpus, self.instructions, self.hellaswag, *([self.preferences] if self.preferences else [])]
 
     def to_dict(self) -> dict:
         data_dir = os.environ.get("GPTFORGE_DATA_DIR")
@@ -205,7 +218,8 @@ def resolve_data(cfg: QuickstartConfig, say: Callable[[str], None] = print) -> Q
     """The quickstart's data files (see the module doc for the order); says where each one came from."""
     data = QuickstartData(corpus=_resolve_corpus(cfg.corpus, say, skipped := []),
                           instructions=_resolve_file("instructions", cfg.instructions),
-                          hellaswag=_resolve_file("hellaswag", cfg.hellaswag, subset_ok=True), skipped=skipped)
+                          hellaswag=_resolve_file("hellaswag", cfg.hellaswag, subset_ok=True), skipped=skipped,
+                          preferences=_resolve_file("preferences", cfg.preferences) if cfg.dpo else None)
     for f in data.files():
         digest = f", sha256 {f.sha256[:12]}…" if f.sha256 else ""
         say(f"[quickstart] {f.role}: {f.name} ← {ORIGINS[f.origin]} ({f.shown}{digest})"
@@ -360,6 +374,24 @@ def _stage_sft(cfg: QuickstartConfig, instructions: str, out: Path) -> dict:
             "data": r.data}
 
 
+def _stage_dpo(cfg: QuickstartConfig, preferences: str, out: Path) -> dict:
+    from gptforge.train.core import OptimConfig
+    from gptforge.train.dpo import DPOConfig, DPODataConfig, DPOLossConfig, DPOTrainConfig, run_dpo
+
+    dc = DPOConfig(
+        base=str(out / "sft"), name="dpo", out_dir=str(out), overwrite=True,
+        # long pairs are cut to the context; those whose prompt alone fills it are skipped (and counted)
+        data=DPODataConfig(sources=[preferences], limit=cfg.dpo_limit, max_len=cfg.sft_max_len, overlength="truncate",
+                           skip_bad=True),
+        dpo=DPOLossConfig(beta=cfg.dpo_beta),
+        train=DPOTrainConfig(epochs=cfg.dpo_epochs, seed=cfg.seed, precision=cfg.precision),
+        optim=OptimConfig(lr=cfg.dpo_lr, schedule="constant", weight_decay=0.0),
+    ).validate()
+    r = run_dpo(dc)
+    return {"steps": r.steps, "checkpoint": str(r.checkpoint), "data": r.data,
+            "initial_test": r.initial_test, "test": r.test, "best_val": r.best_val}
+
+
 def _stage_eval(cfg: QuickstartConfig, hellaswag: str, out: Path) -> dict:
     from gptforge.checkpoint import load_model
     from gptforge.eval.choice import evaluate_choice
@@ -423,6 +455,7 @@ def _write_report(cfg: QuickstartConfig, out: Path, s: dict, data: QuickstartDat
         ["pretrain", s["timings"].get("pretrain"), f"{s['pretrain'].get('steps')} steps, "
                                                    f"{s['pretrain'].get('tokens')} tokens"],
         ["sft", s["timings"].get("sft"), f"{s['sft'].get('steps')} steps"],
+        *([["dpo", s["timings"].get("dpo"), f"{s['dpo'].get('steps')} steps"]] if s.get("dpo") else []),
         ["eval", s["timings"].get("eval"), "held-out loss, HellaSwag"],
         ["samples", s["timings"].get("samples"), "completions and chat answers"],
     ])
@@ -437,6 +470,16 @@ def _write_report(cfg: QuickstartConfig, out: Path, s: dict, data: QuickstartDat
     r.paragraph(f"Validation loss {_f(sft.get('initial_val_loss'))} before → {_f(sft.get('best_val_loss'))} best; "
                 f"{_pct(sft.get('stop_rate'))} of test responses ended with the end-of-turn token.")
     r.image(out / "sft" / "loss.png", "SFT: training and validation loss")
+    if s.get("dpo"):
+        dpo, before, after = s["dpo"], s["dpo"].get("initial_test") or {}, s["dpo"].get("test") or {}
+        r.heading("Preference tuning (DPO)")
+        r.paragraph(f"{dpo.get('steps')} steps of DPO (beta {cfg.dpo_beta:g}, lr {cfg.dpo_lr:g}) from the SFT model on "
+                    f"the preference pairs; on the held-out test pairs the reward accuracy (how often the implicit "
+                    f"reward ranks the chosen answer above the rejected one; 50% at the start) went from "
+                    f"{_pct(before.get('test_rewards_accuracies'))} to {_pct(after.get('test_rewards_accuracies'))} "
+                    f"and the margin from {_f(before.get('test_rewards_margins'))} to "
+                    f"{_f(after.get('test_rewards_margins'))}.")
+        r.image(out / "dpo" / "loss.png", "DPO: loss, reward margin and accuracy")
     r.heading("Evaluation")
     ev = s["eval"]
     r.table(["model", "val loss", "perplexity", "bits/byte", "HellaSwag acc", "acc_norm", "items"],
@@ -493,6 +536,8 @@ def _commands(cfg: QuickstartConfig, out: Path, data: QuickstartData) -> list[st
         + (f"--optim.name={cfg.optimizer} " if cfg.optimizer != "adamw" else "") +
         f"--name=pretrain --out_dir={out}",
         f"gptforge sft --checkpoint {out}/pretrain --data {data.instructions.path} --out-dir {out} --name sft",
+        *([f"gptforge dpo --checkpoint {out}/sft --data {data.preferences.path} --lr {cfg.dpo_lr} --beta "
+           f"{cfg.dpo_beta} --epochs {cfg.dpo_epochs} --out-dir {out} --name dpo"] if data.preferences else []),
         f"gptforge eval loss --checkpoints {out}/pretrain {out}/sft --data {out}/data",
         (f"gptforge eval choice --checkpoint {out}/sft --task hellaswag --data {data.hellaswag.path} "
          f"--limit {cfg.hellaswag_items}"),

@@ -139,6 +139,16 @@ DATASETS: dict[str, Dataset] = {
             license="Apache-2.0",
         ),
         Dataset(
+            "instruction-preference",
+            "the book's 1.1k instructions with a chosen and a rejected answer (LLMs-from-scratch ch07, DPO)",
+            "instruct/instruction-data-with-preference.json",
+            "json",
+            url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+            "instruction-data-with-preference.json",
+            sha256="305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+            license="Apache-2.0",
+        ),
+        Dataset(
             "sms-spam",
             "SMS Spam Collection v.1, TSV label<TAB>text (5,574 messages)",
             "classify/SMSSpamCollection",
@@ -206,6 +216,7 @@ ALIASES = {
     "fineweb-10bt": "fineweb",
     "sms": "sms-spam",
     "book-instructions": "instruction-data",
+    "book-preferences": "instruction-preference",
     "gpt2": "gpt2-vocab",
     "wikitext": "wikitext2",
 }
