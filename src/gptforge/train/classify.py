@@ -477,7 +477,8 @@ def _run(config: ClassifyConfig, rt: Runtime, stop: StopFlag, progress: bool) ->
             break
     bar.close()
 
-    final = finish_with_best(rt, run, keeper, lambda d: L.load_weights(model, d, _load_weights(d)), interrupted)
+    final = finish_with_best(rt, run, keeper, lambda d: L.load_weights(model, d, _load_weights(d)), interrupted,
+                             model=model)
     if L.has_lora(model) and not interrupted:  # adapter/ (peft layout, our names), and the merged model from here
         model = L.finish_lora(model, run_dir, config.base, tokenizer, rt.is_main, log)
 

@@ -440,17 +440,29 @@ def restore_checkpoint(directory: Path, rt: Runtime, *, load_weights: Callable[[
 
 
 def finish_with_best(rt: Runtime, run: RunDir, keeper: BestKeeper, load_weights: Callable[[Path], None],
-                     interrupted: bool = False) -> Path:
+                     interrupted: bool = False, model: nn.Module | None = None) -> Path:
     """End a fine-tuning run on its best checkpoint (else its newest): load those weights and point ``latest``
-    at it, so the run directory resolves to the run's result."""
+    at it, so the run directory resolves to the run's result.
+
+    Under torchrun with ``model`` given, only rank 0 reads the checkpoint (it alone wrote it: other nodes may not
+    share its disk) and the weights reach the other ranks by broadcast.
+    """
     root = run.ckpt_root
-    if keeper.best_step is not None:
-        final = root / C.step_dir_name(keeper.best_step)
-        C.verify_checkpoint(final)
-        load_weights(final)
-        rt.log(f"restored the best weights ({final.name}, best evaluation {keeper.best})")
-    else:
-        final = C.find_resume_checkpoint(root)
+    from_disk = rt.is_main or model is None or not rt.dist.enabled
+    name = None
+    if from_disk:
+        if keeper.best_step is not None:
+            name = C.step_dir_name(keeper.best_step)
+            C.verify_checkpoint(root / name)
+            load_weights(root / name)
+            rt.log(f"restored the best weights ({name}, best evaluation {keeper.best})")
+        else:
+            name = C.find_resume_checkpoint(root).name
+    if model is not None and rt.dist.enabled:
+        name = D.broadcast_object(name, rt.dist)
+        if keeper.best_step is not None:
+            D.broadcast_module(model, rt.dist)
+    final = root / name
     if rt.is_main and not interrupted:
         C.write_pointer(root, "latest", final.name)
     D.barrier(rt.dist)

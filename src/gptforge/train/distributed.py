@@ -1,13 +1,18 @@
 """Process-group setup for ``torchrun`` (DDP by default, FSDP2 as an option) and small collective helpers.
 
 Launched plainly, everything runs as rank 0 of 1. Under ``torchrun`` the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
-variables select the process group: NCCL on CUDA, gloo on CPU. Only rank 0 prints and writes files.
+variables select the process group: NCCL on CUDA, gloo on CPU. Across nodes two ranks matter: the global rank
+(``RANK``) and the rank on this machine (``LOCAL_RANK``). Global rank 0 alone prints and writes run files
+(checkpoints, metrics, charts); on every node, local rank 0 fills that machine's caches (downloads of data,
+tokenizers and Hub models) while the node's other ranks wait (:func:`per_node_first`), because no node can
+rely on another node's disk.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +32,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Rank 0 of this machine: the process that fills the machine's caches."""
+        return self.local_rank == 0
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +108,47 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable, small: a name, a dict of numbers) on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_module(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``model`` in place (ranks on other machines need not
+    see rank 0's files)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if torch.is_tensor(t):
+                dist.broadcast(t, src=0)
+
+
+@contextmanager
+def per_node_first(info: DistInfo) -> Iterator[None]:
+    """Run the block on each node's local rank 0 first, then on that node's other ranks.
+
+    For work whose result lands in a machine-local cache (downloading a hub dataset, a Hub model or a tokenizer):
+    every node does it once, on its own disk, instead of every process racing to download the same files, and
+    the other ranks then read what their local rank 0 left. All ranks pass one barrier, so every process must
+    enter the block; a failure on local rank 0 still releases the others (which then try, and report, themselves).
+    """
+    if not info.enabled:
+        yield
+        return
+    if not info.is_local_main:
+        dist.barrier()  # released once every node's local rank 0 has finished the block
+    try:
+        yield
+    finally:
+        if info.is_local_main:
+            dist.barrier()
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> tuple[dict | None, dict]:

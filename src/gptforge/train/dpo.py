@@ -241,9 +241,9 @@ def _adapters_off(model):
 def _run(config: DPOConfig, rt: Runtime, stop: StopFlag, progress: bool) -> DPOResult:
     dc, tc, lc = config.data, config.train, config.dpo
     log, device = rt.log, rt.device
-    pairs, read_stats = load_pairs(dc.sources, dc.hub_split, dc.skip_bad, log)  # data errors before heavy work
-
-    model, tokenizer, meta = load_base_model(config.base, config.tokenizer, tc.dropout)
+    with D.per_node_first(rt.dist):  # hub data and a Hub base model: downloaded once per node, into its cache
+        pairs, read_stats = load_pairs(dc.sources, dc.hub_split, dc.skip_bad, log)  # data errors before heavy work
+        model, tokenizer, meta = load_base_model(config.base, config.tokenizer, tc.dropout)
     added = []
     if tokenizer.chat_template:
         style = style_for(tokenizer)  # the template the checkpoint was fine-tuned with
@@ -443,7 +443,7 @@ def _run(config: DPOConfig, rt: Runtime, stop: StopFlag, progress: bool) -> DPOR
     if state["stopped_early"]:
         log(f"early stopping: {tc.patience} evaluation(s) without improvement")
 
-    final = finish_with_best(rt, run, keeper, load_weights, interrupted)
+    final = finish_with_best(rt, run, keeper, load_weights, interrupted, model=model)
     run.plot()
     best_val = next((v for v in state["val_history"] if v["step"] == keeper.best_step), None)
     test = evaluate(test_set, "test_") if test_set and not interrupted else None  # (LoRA: before the merge)

@@ -186,14 +186,16 @@ def _train(cfg: PretrainConfig, rt: Runtime, stop: StopFlag) -> PretrainResult:
 
     # -- model and tokenizer --------------------------------------------------------------------------------
     if cfg.model.init_from:
-        model, tokenizer, meta = load_model(cfg.model.init_from, device="cpu")
-        if tokenizer is None:
-            tokenizer = resolve_tokenizer(cfg)
+        with D.per_node_first(rt.dist):  # a Hub model (or the GPT-2 vocabulary): downloaded once per node
+            model, tokenizer, meta = load_model(cfg.model.init_from, device="cpu")
+            if tokenizer is None:
+                tokenizer = resolve_tokenizer(cfg)
         if cfg.model.dropout is not None:
             set_dropout(model, cfg.model.dropout)
         say(f"initialised from {meta['path']} ({model.num_params():,} parameters; tokenizer from the weights)")
     else:
-        tokenizer = resolve_tokenizer(cfg)
+        with D.per_node_first(rt.dist):  # tiktoken fetches the GPT-2 vocabulary into this machine's cache
+            tokenizer = resolve_tokenizer(cfg)
         model = build_model(build_model_config(cfg, tokenizer.vocab_size), init=cfg.model.init)
     _check_vocab(cfg, model.config, tokenizer)
     model.to(device)

@@ -314,10 +314,10 @@ def _sft_loss(model, batch) -> torch.Tensor:
 def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTResult:
     dc, tc = config.data, config.train
     log, device = rt.log, rt.device
-    conversations, skipped = load_conversations(dc, log)  # data errors surface before any heavy work
-
-    # model, tokenizer, prompt style
-    model, tokenizer, meta = load_base_model(config.base, config.tokenizer, tc.dropout)
+    with D.per_node_first(rt.dist):  # hub data and a Hub base model: downloaded once per node, into its cache
+        conversations, skipped = load_conversations(dc, log)  # data errors surface before any heavy work
+        # model, tokenizer, prompt style
+        model, tokenizer, meta = load_base_model(config.base, config.tokenizer, tc.dropout)
     style = prompt_style(dc.style)
     added = prepare_chat_model(model, tokenizer, style)
     if added:
@@ -475,7 +475,7 @@ def _run(config: SFTConfig, rt: Runtime, stop: StopFlag, progress: bool) -> SFTR
         log(f"early stopping: {tc.patience} evaluation(s) without improvement")
 
     # final model: the best weights when validated, else the last ones
-    final = finish_with_best(rt, run, keeper, load_weights, interrupted)
+    final = finish_with_best(rt, run, keeper, load_weights, interrupted, model=model)
     if L.has_lora(model) and not interrupted:  # adapter/ for peft, and the merged model from here on
         model = L.finish_lora(model, run_dir, config.base, tokenizer, rt.is_main, log)
     run.plot()
