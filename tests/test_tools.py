@@ -393,39 +393,44 @@ def test_tool_request_validation():
 
 
 def _script_engine(monkeypatch, outputs: list[str], seen: list | None = None):
-    """Make Engine.generate stream ``outputs`` (one per call, in turn) in small pieces."""
-    from gptforge.engine import Completion, Engine
+    """Make the model say ``outputs`` (one per request, in turn; the last one repeats), then end its turn.
 
+    Only the logits are scripted: at each step a row's logits are replaced by ones whose single finite entry is
+    the next token of its text (then end-of-text). The rest is the real path, in either batching mode: the
+    scheduler, the engine's sampling and stop handling, text deltas, streaming, tool-call parsing. ``seen``
+    collects each request's prompt ids as the engine received them."""
+    import torch
+
+    from gptforge.engine import Engine
+
+    real_sample = Engine._sample
     queue = list(outputs)
 
-    def generate(self, prompts, params=None, on_token=None, on_finish=None, **kwargs):
-        text = queue.pop(0) if len(queue) > 1 else queue[0]
-        results = []
-        for row, prompt in enumerate(prompts):
-            if seen is not None:
-                seen.append(list(prompt))
-            for i in range(0, len(text), 4):
-                if on_token is not None:
-                    on_token(row, 0, text[i:i + 4])
-            c = Completion(prompt_ids=list(prompt), token_ids=[0] * 5, text=text, finish_reason="stop")
-            if on_finish is not None:
-                on_finish(row, c)
-            results.append(c)
-        return results
+    def sample(self, logits, rows, *args):
+        forced = torch.full_like(logits, float("-inf"))
+        for j, row in enumerate(rows):
+            if not hasattr(row, "script"):  # a new request's first token
+                text = queue.pop(0) if len(queue) > 1 else queue[0]
+                row.script = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
+                if seen is not None:
+                    seen.append(list(row.prompt))
+            forced[j, row.script[min(len(row.ids), len(row.script) - 1)]] = 0.0
+        return real_sample(self, forced, rows, *args)
 
-    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(Engine, "_sample", sample)
 
 
-@pytest.fixture
-def scripted_server(make_tiny_model, live_server):
+@pytest.fixture(params=["continuous", "static"])
+def scripted_server(request, make_tiny_model, live_server):
+    """``start() -> (server, tokenizer)``: a server over a tiny model, in each batching mode."""
     from gptforge.engine import Engine
     from gptforge.serve.app import ServerSettings, create_app
 
-    model, tok = make_tiny_model(block_size=256)
+    model, tok = make_tiny_model(block_size=512)  # room for the tools preamble, the history and the scripted text
     servers = []
 
     def start():
-        server = live_server(create_app(Engine(model, tok), ServerSettings(model_name="tiny")))
+        server = live_server(create_app(Engine(model, tok), ServerSettings(model_name="tiny", batching=request.param)))
         servers.append(server)
         return server, tok
 

@@ -5,6 +5,12 @@ real tokens only, so padding changes nothing. Each sequence stops on its own (en
 stop strings, ``max_new_tokens``, the context limit, or its ``on_token`` callback returning False); finished rows
 leave the batch (the cache is compacted), so the rest decode faster. Sampling follows Hugging Face semantics
 (see :mod:`gptforge.sampling`).
+
+Two ways to batch: :meth:`Engine.generate` decodes a fixed set of prompts together (static batching: what
+arrives meanwhile waits for the batch to end); :class:`gptforge.batching.ContinuousBatch` (the server's default)
+keeps a running batch that new prompts join between decode steps, after a prefill done in chunks so a long prompt
+never stalls the running rows for long. Both share one sampling step (:meth:`Engine._sample`), so a row's tokens
+do not depend on which way it ran.
 """
 
 from __future__ import annotations
@@ -128,6 +134,11 @@ class _Row:
         self.emitted = 0  # characters of text already handed to on_token
         self.finish: str | None = None
         self.final_text: str | None = None
+        self.generator: torch.Generator | None = None  # for sampled rows
+        self.on_token: OnToken | None = None
+        self.on_finish: OnFinish | None = None
+        self.on_logprob: OnLogprob | None = None
+        self.track_text = False  # decode text as tokens come (streaming or stop strings)
 
 
 class Engine:
@@ -245,11 +256,7 @@ class Engine:
             if len(params) != len(prompts):
                 raise GptforgeError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
             per_row = [p.validate() for p in params]
-        rows = []
-        for i, (prompt, p) in enumerate(zip(prompts, per_row)):
-            ids = self.fit_prompt(self.encode_prompt(prompt), p.max_new_tokens, i)
-            stop_ids = self.base_stop_ids | set(p.stop_token_ids)
-            rows.append(_Row(i, ids, p, stop_ids, min(p.max_new_tokens, self.block_size - len(ids))))
+        rows = [self._new_row(i, prompt, p, i) for i, (prompt, p) in enumerate(zip(prompts, per_row))]
         with self.lock, torch.inference_mode():
             was_training = self.model.training  # the model may be mid-training (samples during a run)
             self.model.eval()
@@ -279,7 +286,7 @@ class Engine:
             try:
                 self.last_completion = self.generate([prompt], params, on_token=on_token)[0]
                 deltas.put(done)
-            except BaseException as e:  # hand the error to the consumer
+            except BaseException as e:  # noqa: BLE001 (hand any error, even KeyboardInterrupt, to the consumer)
                 deltas.put(e)
 
         thread = threading.Thread(target=worker, daemon=True)
@@ -328,16 +335,36 @@ class Engine:
                 longest, budget = len(row.prompt), row.limit
         return groups
 
+    def _new_row(self, index, prompt: str | list[int], params: SamplingParams, position: int = 0) -> _Row:
+        """A row for ``prompt`` (the context policy applied, its token budget set); ``position`` names it in errors."""
+        ids = self.fit_prompt(self.encode_prompt(prompt), params.max_new_tokens, position)
+        stop_ids = self.base_stop_ids | set(params.stop_token_ids)
+        return _Row(index, ids, params, stop_ids, min(params.max_new_tokens, self.block_size - len(ids)))
+
+    def _new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model (a model may size its own, e.g. fewer key/value heads)."""
+        make = getattr(self.model, "new_kv_cache", None)
+        if make is not None:
+            return make(batch_size, max_len, device=self.device, dtype=self.dtype)
+        return KVCache(self.model.config, batch_size, max_len, device=self.device, dtype=self.dtype)
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer.pad_id < self.model.config.vocab_size else 0
+
     def _decode(self, rows: list[_Row], on_token: OnToken | None, on_finish: OnFinish | None = None,
                 on_logprob: OnLogprob | None = None) -> None:
+        """Static batching: prefill ``rows`` together, then decode until every row is done."""
         device, model = self.device, self.model
         B = len(rows)
         P = max(len(r.prompt) for r in rows)
         steps = max(r.limit for r in rows)
         vocab = model.config.vocab_size
         track_text = on_token is not None or any(r.params.stop_strings for r in rows)
+        for r in rows:
+            r.on_token, r.on_finish, r.on_logprob, r.track_text = on_token, on_finish, on_logprob, track_text
+            r.generator = self._generator(r.params.seed) if r.params.temperature > 0 else None
 
-        idx = torch.full((B, P), self.tokenizer.pad_id if self.tokenizer.pad_id < vocab else 0, dtype=torch.long)
+        idx = torch.full((B, P), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((B, P + steps), dtype=torch.long)
         for b, r in enumerate(rows):
             idx[b, P - len(r.prompt):] = torch.tensor(r.prompt)
@@ -352,40 +379,12 @@ class Engine:
                 seen[b, torch.tensor(r.prompt, device=device)] = True
         if settings.any_presence_frequency:
             counts = torch.zeros((B, vocab), dtype=torch.int32, device=device)
-        generators = [self._generator(r.params.seed) if r.params.temperature > 0 else None for r in rows]
-        want_logprobs = any(r.params.logprobs for r in rows)
-        top_n = max((r.params.top_logprobs for r in rows if r.params.logprobs), default=0)
 
-        cache = KVCache(model.config, B, P + steps, device=device, dtype=self.dtype)
+        cache = self._new_cache(B, P + steps)
         logits = model(idx, attention_mask=mask[:, :P], kv_cache=cache, logits_to_keep=1)[0][:, -1]
-        active = list(range(B))  # positions in `rows` of the rows still in the batch, in batch order
+        active = list(rows)  # the rows still in the batch, in batch order
         for step in range(steps):
-            scores = process_logits(logits, settings, seen, counts)
-            chosen = choose_tokens(scores, settings.greedy, [generators[a] for a in active])
-            logprobs = top_ids = top_values = None
-            if want_logprobs:  # under the model's own distribution: log-softmax of the unprocessed logits
-                log_softmax = torch.log_softmax(logits.float(), dim=-1)
-                logprobs = log_softmax.gather(1, chosen[:, None])[:, 0].tolist()
-                if top_n:
-                    top = torch.topk(log_softmax, min(top_n, vocab), dim=-1)
-                    top_ids, top_values = top.indices.tolist(), top.values.tolist()
-            chosen_list = chosen.tolist()
-            keep = []
-            for j, a in enumerate(active):
-                row, token = rows[a], chosen_list[j]
-                row.ids.append(token)
-                if logprobs is not None and row.params.logprobs:
-                    k = row.params.top_logprobs
-                    top_row = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
-                    row.logprobs.append(logprobs[j])
-                    row.top_logprobs.append(top_row)
-                    if on_logprob is not None:
-                        on_logprob(row.index, token, logprobs[j], top_row)
-                self._advance(row, token, track_text, on_token)
-                if row.finish is None:
-                    keep.append(j)
-                elif on_finish is not None:
-                    on_finish(row.index, self._completion(row))
+            chosen, keep = self._sample(logits, active, settings, seen, counts)
             if not keep or step == steps - 1:
                 break
             if seen is not None:
@@ -401,6 +400,40 @@ class Engine:
                 counts = counts[k] if counts is not None else None
                 active = [active[j] for j in keep]
             logits = model(chosen[:, None], attention_mask=mask[:, : cache.length + 1], kv_cache=cache)[0][:, -1]
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], settings, seen: torch.Tensor | None,
+                counts: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """One decoding step's bookkeeping, the same for static and continuous batching: choose each row's next
+        token from its ``logits`` row, record it (log-probabilities, stop checks, text) and call the row's
+        callbacks. Returns the chosen tokens and the positions in ``rows`` of the rows not finished."""
+        scores = process_logits(logits, settings, seen, counts)
+        chosen = choose_tokens(scores, settings.greedy, [r.generator for r in rows])
+        logprobs = top_ids = top_values = None
+        if any(r.params.logprobs for r in rows):  # under the model's own distribution: unprocessed logits
+            top_n = max((r.params.top_logprobs for r in rows if r.params.logprobs), default=0)
+            log_softmax = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = log_softmax.gather(1, chosen[:, None])[:, 0].tolist()
+            if top_n:
+                top = torch.topk(log_softmax, min(top_n, logits.size(-1)), dim=-1)
+                top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        chosen_list = chosen.tolist()
+        keep = []
+        for j, row in enumerate(rows):
+            token = chosen_list[j]
+            row.ids.append(token)
+            if logprobs is not None and row.params.logprobs:
+                k = row.params.top_logprobs
+                top_row = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
+                row.logprobs.append(logprobs[j])
+                row.top_logprobs.append(top_row)
+                if row.on_logprob is not None:
+                    row.on_logprob(row.index, token, logprobs[j], top_row)
+            self._advance(row, token, row.track_text, row.on_token)
+            if row.finish is None:
+                keep.append(j)
+            elif row.on_finish is not None:
+                row.on_finish(row.index, self._completion(row))
+        return chosen, keep
 
     def _generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)

@@ -22,6 +22,13 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTFORGE_API_KEY, else none)")
     p.add_argument("--max-pending", type=positive_int, default=64, help="requests queued or running before 429")
     p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: requests join the running batch between decode steps and leave when done; "
+                        "static: the waiting requests decode as one batch, new ones wait for it to end "
+                        "(default: continuous)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=128,
+                   help="continuous batching: prompt tokens read between two decode steps, so a long prompt "
+                        "does not stall the running requests (default: 128)")
     p.add_argument("--max-tokens-limit", type=positive_int, default=None, help="largest max_tokens (default: the context)")
     p.add_argument("--timeout", type=positive_float, default=120.0,
                    help="seconds per request, queueing included; a stream cut by it ends with an error event "
@@ -49,9 +56,11 @@ def run(args) -> int:
     engine = load_engine(args)
     settings = ServerSettings(model_name=args.model_name or default_model_name(args.checkpoint), api_key=api_key,
                               max_pending=args.max_pending, max_batch_rows=args.max_batch,
-                              max_tokens_limit=args.max_tokens_limit, timeout_s=args.timeout)
+                              max_tokens_limit=args.max_tokens_limit, timeout_s=args.timeout,
+                              batching=args.batching, prefill_chunk=args.prefill_chunk)
     app = create_app(engine, settings)
     print(f"serving '{settings.model_name}' (context {engine.block_size}) on http://{args.host}:{args.port}/ "
-          f"— web chat at /, OpenAI API at /v1{' (API key required)' if api_key else ''}", file=sys.stderr)
+          f"— web chat at /, OpenAI API at /v1{' (API key required)' if api_key else ''}, metrics at /metrics; "
+          f"{args.batching} batching", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP API over the engine, plus a one-page web chat at ``/``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` → server-sent events),
-``GET /v1/models``, ``GET /health``. Every user mistake is a 4xx with an OpenAI-style error object
-(``{"error": {"message", "type", "param", "code"}}``); a full queue is 429; a request past its timeout is 408.
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text: queue depth, running rows, generated
+tokens, request latencies, requests by status; like ``/health`` it needs no API key). Every user mistake is a
+4xx with an OpenAI-style error object (``{"error": {"message", "type", "param", "code"}}``); a full queue is 429;
+a request past its timeout is 408.
 A stream that cannot finish (past its timeout, or cancelled because the server stops) ends, as OpenAI's streams
 do on a mid-stream error, with an event ``data: {"error": {..., "code": "timeout" | "cancelled"}}`` before
 ``data: [DONE]``; its cut choices get no ``finish_reason`` chunk (``stop``/``length`` always mean finished).
@@ -10,17 +12,18 @@ do on a mid-stream error, with an event ``data: {"error": {..., "code": "timeout
 Request text is sanitised once, at the boundary: lone surrogates (JSON ``"\\ud800"``) become U+FFFD and are
 counted (header ``X-Replaced-Surrogates``, ``/health``). Parsing, tokenizing and chat-template rendering run on
 preparation threads, never on the event loop, after admission (the ``max_pending`` and byte budgets).
+
+Beside it: :mod:`gptforge.serve.protocol` (the wire format: errors, field checks, response pieces),
+:mod:`gptforge.serve.scheduler` (admission and the engine's worker thread, static or continuous batching) and
+:mod:`gptforge.serve.metrics` (``/metrics``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
-import math
 import os
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from gptforge.chat_template import content_text, render_time_limit
 from gptforge.engine import (
@@ -40,8 +43,23 @@ from gptforge.engine import (
     token_bytes,
 )
 from gptforge.errors import GptforgeError
-from gptforge.serve.scheduler import Job, Scheduler, TextTokens
-from gptforge.tokenizer import replace_surrogates
+from gptforge.serve.protocol import (
+    ApiError,
+    authorized,
+    chat_logprobs,
+    chat_logprobs_of,
+    completion_logprobs,
+    completion_logprobs_of,
+    cut_short,
+    flag_field,
+    integer_field,
+    number_field,
+    parse_body,
+    reply_finish,
+    reply_usage,
+    stop_field,
+)
+from gptforge.serve.scheduler import Job, Scheduler
 from gptforge.tools import ToolCallMissing, ToolError, message_tool_fields, parse_tool_request
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -53,6 +71,8 @@ class ServerSettings:
     api_key: str | None = None
     max_pending: int = 64  # requests waiting or running; more → 429
     max_batch_rows: int = 16  # sequences decoded together
+    batching: str = "continuous"  # or "static" (see gptforge.serve.scheduler)
+    prefill_chunk: int = 128  # continuous: prompt tokens read between two decode steps
     max_tokens_limit: int | None = None  # cap on max_tokens (default: the model's context)
     max_n: int = 8
     timeout_s: float = 120.0  # per request, queueing included
@@ -63,67 +83,6 @@ class ServerSettings:
     max_messages: int = 256  # a conversation is rendered once per message
 
 
-class ApiError(Exception):
-    """An error answered with an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-# ---- request validation ------------------------------------------------------------------------------------
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(value)[:60]}", name, "invalid_type")
-    if not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", name, "invalid_value")
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(value)[:60]}", name, "invalid_type")
-    if not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", name, "invalid_value")
-    return value
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(value)[:60]}", name, "invalid_type")
-    return value
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop",
-                       "invalid_type")
-    return stops
-
-
 class Api:
     """Request handling shared by the routes (validation → job → response)."""
 
@@ -132,7 +91,9 @@ class Api:
         self.settings = settings
         self.context = engine.block_size
         self.max_tokens_limit = settings.max_tokens_limit or self.context
-        self.scheduler = Scheduler(engine, settings.max_pending, settings.max_batch_rows, settings.max_prepare_bytes)
+        self.scheduler = Scheduler(engine, settings.max_pending, settings.max_batch_rows, settings.max_prepare_bytes,
+                                   settings.batching, settings.prefill_chunk)
+        self.metrics = self.scheduler.metrics
         self.executor = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="gptforge-prepare")
         self.replaced_surrogates = 0  # lone surrogates replaced in request bodies since start
         self._max_token_bytes: int | None = None
@@ -148,39 +109,39 @@ class Api:
     def sampling(self, body: dict, default_max_tokens: int, prompt_len: int) -> tuple[SamplingParams, int]:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _integer({name: max_tokens}, name, None, 1, self.max_tokens_limit)
+        max_tokens = integer_field({name: max_tokens}, name, None, 1, self.max_tokens_limit)
         if prompt_len >= self.context:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the prompt has "
                                 f"{prompt_len} tokens; shorten it", "messages" if "messages" in body else "prompt",
                            "context_length_exceeded")
         if max_tokens is None:
             max_tokens = min(default_max_tokens, self.context - prompt_len)
-        n = _integer(body, "n", 1, 1, self.settings.max_n)
-        seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
+        n = integer_field(body, "n", 1, 1, self.settings.max_n)
+        seed = integer_field(body, "seed", None, -(2**63), 2**63 - 1)
         if "messages" in body:  # chat: logprobs true/false, top_logprobs 0..20 alternatives per token
-            logprobs = _flag(body, "logprobs")
-            top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+            logprobs = flag_field(body, "logprobs")
+            top = integer_field(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
             if top and not logprobs:
                 raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         else:  # legacy completions: logprobs = how many alternatives (0..5), null = none
-            top = _integer(body, "logprobs", None, 0, 5)
+            top = integer_field(body, "logprobs", None, 0, 5)
             logprobs = top is not None
-            if logprobs and _flag(body, "echo"):
+            if logprobs and flag_field(body, "echo"):
                 raise ApiError(400, "'echo' with 'logprobs' (scoring the prompt) is not supported; use "
                                     "'gptforge eval' to score text", "logprobs", "invalid_value")
-        top_p = _number(body, "top_p", None, 0.0, 1.0)
+        top_p = number_field(body, "top_p", None, 0.0, 1.0)
         # Fields the request omits take the one set of defaults (gptforge.sampling_defaults), as the CLI and the
         # web page do; temperature 0 is plain argmax unless a penalty is given.
         params = SAMPLING_DEFAULTS.params(
             max_new_tokens=max_tokens,
-            temperature=_number(body, "temperature", None, 0.0, 2.0),
+            temperature=number_field(body, "temperature", None, 0.0, 2.0),
             top_p=1e-9 if top_p == 0 else top_p,
-            top_k=_integer(body, "top_k", None, 0, self.engine.model.config.vocab_size),
-            min_p=_number(body, "min_p", None, 0.0, 1.0),
-            repetition_penalty=_number(body, "repetition_penalty", None, 0.01, 10.0),
-            presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),
-            frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),
-            stop_strings=_stop(body),
+            top_k=integer_field(body, "top_k", None, 0, self.engine.model.config.vocab_size),
+            min_p=number_field(body, "min_p", None, 0.0, 1.0),
+            repetition_penalty=number_field(body, "repetition_penalty", None, 0.01, 10.0),
+            presence_penalty=number_field(body, "presence_penalty", None, -2.0, 2.0),
+            frequency_penalty=number_field(body, "frequency_penalty", None, -2.0, 2.0),
+            stop_strings=stop_field(body),
             seed=None if seed is None else seed % 2**63,  # OpenAI takes any int64; generators take [0, 2^63)
             logprobs=logprobs,
             top_logprobs=top or 0,
@@ -264,7 +225,7 @@ class Api:
                         raise ApiError(499, "client closed the request", code="client_closed")
                     continue
                 if event[0] == "done":
-                    if _cut(event[1]):
+                    if cut_short(event[1]):
                         raise self.timeout_error() if job.timed_out else self.cancelled_error()
                     return event[1]
                 if event[0] == "error":
@@ -281,96 +242,7 @@ class Api:
                         None, "cancelled", type="server_error")
 
 
-def _cut(results: list[Completion] | None) -> bool:
-    """A job that did not finish: never started (timed out or cancelled while queued), or rows cut short."""
-    return results is None or any(c.finish_reason == "cancelled" for c in results)
-
-
-def _logprob(value: float) -> float:
-    return value if math.isfinite(value) else -9999.0  # OpenAI's stand-in for -inf; JSON has no infinities
-
-
-def _logprobs_completions(engine: Engine, c: Completion) -> dict | None:
-    """Legacy completions ``logprobs`` for the tokens of ``c.text`` (not the stop token the text omits)."""
-    return None if c.logprobs is None else _completion_logprobs(engine, TextTokens.of(engine, c).take(c.text))
-
-
-def _completion_logprobs(engine: Engine, tokens: list) -> dict:
-    """``tokens``, ``token_logprobs``, ``top_logprobs`` (the alternatives and the chosen token, as OpenAI) and
-    ``text_offset`` (characters into the completion text) for ``(id, logprob, top, offset)`` tuples."""
-    def piece(t: int) -> str:
-        return token_bytes(engine.tokenizer, t).decode("utf-8", "replace")
-
-    tops = []
-    for t, lp, top, _ in tokens:
-        alternatives = {piece(a): _logprob(alp) for a, alp in top}
-        alternatives.setdefault(piece(t), _logprob(lp))
-        tops.append(alternatives)
-    return {"tokens": [piece(t) for t, *_ in tokens], "token_logprobs": [_logprob(lp) for _, lp, *_ in tokens],
-            "top_logprobs": tops, "text_offset": [offset for *_, offset in tokens]}
-
-
-def _logprobs_chat(engine: Engine, c: Completion) -> dict | None:
-    """Chat ``logprobs`` for the tokens of ``c.text`` (not the stop token the text omits)."""
-    return None if c.logprobs is None else _chat_logprobs(engine, TextTokens.of(engine, c).take(c.text))
-
-
-def _chat_logprobs(engine: Engine, tokens: list) -> dict:
-    """``{"content": [{token, logprob, bytes, top_logprobs}]}`` for ``(id, logprob, top, offset)`` tuples."""
-    def entry(t: int, lp: float) -> dict:
-        raw = token_bytes(engine.tokenizer, t)
-        return {"token": raw.decode("utf-8", "replace"), "logprob": _logprob(lp), "bytes": list(raw)}
-
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
-                        for t, lp, top, _ in tokens], "refusal": None}
-
-
-def _finish(c: Completion) -> str:
-    return "stop" if c.finish_reason == "stop" else "length"  # cut rows never get here (see _cut)
-
-
-def _usage(completions: list[Completion]) -> dict:
-    prompt = len(completions[0].prompt_ids) if completions else 0
-    generated = sum(len(c.token_ids) for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a lone surrogate can enter a JSON body
-
-
-def _parse_body(body: bytes) -> tuple[object, int]:
-    """The JSON of a request body with lone surrogates replaced by U+FFFD, and how many were replaced."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
-    if not _SURROGATE_ESCAPE.search(body):
-        return data, 0
-    replaced = 0
-
-    def clean(x):
-        nonlocal replaced
-        if isinstance(x, str):
-            fixed = replace_surrogates(x)
-            if fixed is not x:
-                replaced += sum(1 for ch in x if "\ud800" <= ch <= "\udfff")
-            return fixed
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        if isinstance(x, dict):
-            return {clean(k): clean(v) for k, v in x.items()}
-        return x
-
-    try:
-        return clean(data), replaced
-    except RecursionError:
-        raise ApiError(400, "The JSON body of your request is nested too deeply", code="invalid_json") from None
-
-
-def _authorized(header: str | None, api_key: str) -> bool:
-    """``Authorization: Bearer <key>`` (scheme in any case), compared in constant time."""
-    scheme, _, token = (header or "").strip().partition(" ")
-    return hmac.compare_digest(f"{scheme.lower()} {token.strip()}".encode(), f"bearer {api_key}".encode())
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
 class _Guard:
@@ -385,10 +257,12 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"].startswith("/v1/"):
+        started, status = time.perf_counter(), []
+        path = scope["path"]
+        if path.startswith("/v1/"):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             error = None
-            if self.api_key and not _authorized(headers.get("authorization"), self.api_key):
+            if self.api_key and not authorized(headers.get("authorization"), self.api_key):
                 error = ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key", type="authentication_error")
             length = headers.get("content-length")
@@ -397,13 +271,16 @@ class _Guard:
                                  code="body_too_large")
             if error is not None:
                 await error.response()(scope, receive, send)
+                self._count(path, error.status, None)
                 return
         state = scope.setdefault("state", {})  # the request's own: the routes put its admitted job here
 
         async def reply(message):
-            if message["type"] == "http.response.start" and state.get("replaced_surrogates"):
-                header = (b"x-replaced-surrogates", str(state["replaced_surrogates"]).encode())
-                message = {**message, "headers": [*message.get("headers", []), header]}
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                if state.get("replaced_surrogates"):
+                    header = (b"x-replaced-surrogates", str(state["replaced_surrogates"]).encode())
+                    message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
         try:
@@ -411,6 +288,15 @@ class _Guard:
         finally:  # finished, failed or abandoned: a job that is still counted is freed (idempotent)
             if state.get("job") is not None:
                 self.api.scheduler.cancel(state["job"])
+            if path.startswith("/v1/"):
+                self._count(path, status[0] if status else None, time.perf_counter() - started)
+
+    def _count(self, path: str, status: int | None, seconds: float | None) -> None:
+        """Requests by route and status (``disconnected``: the client left before any answer) for /metrics;
+        the latency of generation requests answered 200 (streams until their end)."""
+        route = path if path in _ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        generation = route.endswith("completions") and status == 200
+        self.api.metrics.request(route, str(status) if status else "disconnected", seconds if generation else None)
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -451,7 +337,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 raise ApiError(413, f"Request body too large (limit {settings.max_body_bytes} bytes)",
                                code="body_too_large")
         api.admit(request, len(body))
-        data, replaced = await api.offload(_parse_body, bytes(body))
+        data, replaced = await api.offload(parse_body, bytes(body))
         if replaced:
             request.state.replaced_surrogates = replaced
             api.replaced_surrogates += replaced
@@ -467,7 +353,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def health():
         return {"status": "ok", "model": settings.model_name, "pending": api.scheduler.pending,
                 "max_pending": settings.max_pending, "context_length": api.context,
-                "replaced_surrogates": api.replaced_surrogates}
+                "replaced_surrogates": api.replaced_surrogates, "batching": settings.batching}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(api.metrics.render(api.scheduler), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -512,7 +402,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         prompts, ids = await api.offload(tokenize)
         params, n = api.sampling(body, 16, max(map(len, ids)))
-        echo, stream = _flag(body, "echo"), _flag(body, "stream")
+        echo, stream = flag_field(body, "echo"), flag_field(body, "stream")
         if len(ids) * n > settings.max_batch_rows * 4:
             raise ApiError(400, f"too many completions in one request ({len(ids)} prompts × n={n})", "n")
         rows = [r for r in ids for _ in range(n)]
@@ -530,10 +420,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         choices = []
         for i, c in enumerate(results):
             text = (prompts[i // n] if echo and isinstance(prompts[i // n], str) else "") + c.text
-            choices.append({"text": text, "index": i, "logprobs": _logprobs_completions(engine, c),
-                            "finish_reason": _finish(c)})
+            choices.append({"text": text, "index": i, "logprobs": completion_logprobs_of(engine, c),
+                            "finish_reason": reply_finish(c)})
         return {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
-                "choices": choices, "usage": _usage(results)}
+                "choices": choices, "usage": reply_usage(results)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -567,7 +457,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             raise ApiError(400, f"cannot render the chat template: {e}", "messages") from None
         params, n = api.sampling(body, 512, len(prompt_ids))
         params = engine.chat_params(params)
-        stream = _flag(body, "stream")
+        stream = flag_field(body, "stream")
         job = await api.run(request, [prompt_ids] * n, api.per_row(params, n))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -590,14 +480,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             return sse(request, job, chunk, n, body)
         results = await api.wait(request, job)
         try:  # (message, finish_reason): tool calls parsed out of the text when the request has tools
-            replies = [tool_req.reply(c.text, _finish(c)) if tool_req else
-                       ({"role": "assistant", "content": c.text}, _finish(c)) for c in results]
+            replies = [tool_req.reply(c.text, reply_finish(c)) if tool_req else
+                       ({"role": "assistant", "content": c.text}, reply_finish(c)) for c in results]
         except ToolCallMissing as e:
             raise ApiError(422, str(e), e.param, "tool_call_not_produced", type="model_error") from None
         choices = [{"index": i, "message": replies[i][0],
-                    "logprobs": _logprobs_chat(engine, c), "finish_reason": replies[i][1]} for i, c in enumerate(results)]
+                    "logprobs": chat_logprobs_of(engine, c), "finish_reason": replies[i][1]} for i, c in enumerate(results)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
-                "choices": choices, "usage": _usage(results)}
+                "choices": choices, "usage": reply_usage(results)}
 
     def sse(request: Request, job: Job, chunk, chat_n: int | None, body: dict) -> StreamingResponse:
         """Stream a job as server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
@@ -622,7 +512,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                     if event[0] == "delta":
                         obj = chunk(event[1], event[2], None)
                         if event[3] is not None and obj.get("choices"):  # this piece of text's tokens
-                            obj["choices"][0]["logprobs"] = (_chat_logprobs if chat_n else _completion_logprobs)(
+                            obj["choices"][0]["logprobs"] = (chat_logprobs if chat_n else completion_logprobs)(
                                 engine, event[3])
                         yield line(obj)
                     elif event[0] == "error":
@@ -633,11 +523,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                         results = event[1] or []
                         for k, c in enumerate(results):  # cut choices get no finish_reason: the error says why
                             if c.finish_reason != "cancelled":
-                                yield line(chunk(k, None if chat_n else "", _finish(c)))
-                        if _cut(event[1]):  # past the timeout, or cancelled (server stopping)
+                                yield line(chunk(k, None if chat_n else "", reply_finish(c)))
+                        if cut_short(event[1]):  # past the timeout, or cancelled (server stopping)
                             yield line((api.timeout_error() if job.timed_out else api.cancelled_error()).body())
                         elif include_usage and results:
-                            usage = {**chunk(0, None, None), "choices": [], "usage": _usage(results)}
+                            usage = {**chunk(0, None, None), "choices": [], "usage": reply_usage(results)}
                             yield line(usage)
                         break
                 yield "data: [DONE]\n\n"

@@ -1,10 +1,16 @@
-"""One worker thread that owns the engine: requests queue up, and whatever is waiting is decoded as one batch.
+"""One worker thread that owns the engine, in one of two batching modes.
 
-Requests with different sampling settings share a batch (settings are per row). Admission is bounded: at most
-``max_pending`` requests may be prepared (parsed, tokenized, rendered), wait or run, and the bodies still being
-prepared may hold at most ``max_prepare_bytes``; more are refused (the API answers 429). A request that is
-cancelled (client gone, server stopping) or past its deadline stops decoding at the next token and frees its
-place at once.
+``continuous`` (the default): the engine keeps a running batch (:class:`gptforge.batching.ContinuousBatch`);
+between two decode steps, queued requests join it (their prompts prefilled in chunks) and finished rows leave,
+so a short request never waits for a long one to end. ``static``: whatever is waiting is decoded as one batch
+and a request arriving meanwhile waits until that batch is finished.
+
+Requests with different sampling settings share a batch (settings are per row); at most ``max_batch_rows`` rows
+decode together (a request with more rows runs alone). Admission is bounded: at most ``max_pending`` requests may
+be prepared (parsed, tokenized, rendered), wait or run, and the bodies still being prepared may hold at most
+``max_prepare_bytes``; more are refused (the API answers 429). A request that is cancelled (client gone, server
+stopping) or past its deadline stops decoding at the next token (or before its prefill) and frees its place at
+once. :class:`gptforge.serve.metrics.Metrics` counts what ``/metrics`` reports.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from gptforge.batching import ContinuousBatch
 from gptforge.engine import Completion, Engine, SamplingParams, token_bytes
+from gptforge.errors import GptforgeError
+from gptforge.serve.metrics import Metrics
+
+BATCHING = ("continuous", "static")
 
 
 class TextTokens:
@@ -78,6 +89,7 @@ class Job:
     queued: bool = False
     cost: int = 0  # bytes held in the preparation budget until queued or released
     tokens: list[TextTokens] | None = None  # per row, when the request asked for logprobs
+    keys: list[int] = field(default_factory=list)  # its rows' keys in a continuous batch
 
     def emit(self, *event) -> None:
         """Hand an event to the request's coroutine (thread-safe; a closed loop means the client is gone)."""
@@ -93,14 +105,19 @@ class Job:
 
 
 class Scheduler:
-    """Bounded admission + a worker thread batching up to ``max_batch_rows`` rows per engine call."""
+    """Bounded admission + a worker thread decoding up to ``max_batch_rows`` rows at a time, continuously or in
+    static batches (``batching``)."""
 
     def __init__(self, engine: Engine, max_pending: int = 64, max_batch_rows: int = 16,
-                 max_prepare_bytes: int = 32_000_000):
+                 max_prepare_bytes: int = 32_000_000, batching: str = "continuous", prefill_chunk: int = 128):
+        if batching not in BATCHING:
+            raise GptforgeError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.engine = engine
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
         self.max_prepare_bytes = max_prepare_bytes
+        self.batching = batching
+        self.metrics = Metrics()
         self._waiting: list[Job] = []
         self._running: list[Job] = []
         self._pending = 0
@@ -108,8 +125,12 @@ class Scheduler:
         self._preparing_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
-        self.batches = 0
-        self.thread = threading.Thread(target=self._work, name="gptforge-engine", daemon=True)
+        self._batch = ContinuousBatch(engine, prefill_chunk, max_batch_rows) if batching == "continuous" else None
+        self._static_rows = 0
+        self._next_key = 0
+        self.batches = 0  # static: engine calls; continuous: rounds in which queued requests joined the batch
+        self.thread = threading.Thread(target=self._work if self._batch is None else self._work_continuous,
+                                       name="gptforge-engine", daemon=True)
         self.thread.start()
 
     @property
@@ -121,6 +142,25 @@ class Scheduler:
     def preparing(self) -> int:
         """Requests admitted but not yet queued (being parsed, tokenized, rendered)."""
         return self._preparing
+
+    @property
+    def queued(self) -> int:
+        """Requests queued for the engine and not yet in a batch."""
+        return len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        """Sequences decoding now."""
+        return len(self._batch.running) if self._batch is not None else self._static_rows
+
+    @property
+    def prefilling_rows(self) -> int:
+        """Sequences in the running batch whose prompts are still being read (continuous batching)."""
+        return self._batch.prefilling if self._batch is not None else 0
+
+    @property
+    def steps(self) -> int:
+        return self._batch.steps if self._batch is not None else self.batches
 
     def admit(self, job: Job, cost: int = 0) -> bool:
         """Count ``job`` (a request about to be prepared, ``cost`` bytes of body); False when the server is full."""
@@ -173,6 +213,38 @@ class Scheduler:
                 job.cancelled.set()
             self._cond.notify()
 
+    # ---- the job's side of the engine's callbacks ----------------------------------------------------------
+
+    def _callbacks(self, job: Job, first: int):
+        """``on_token``, ``on_finish`` and ``on_logprob`` for ``job``, whose rows have keys ``first``, ``first+1``…"""
+        results: list[Completion | None] = [None] * len(job.prompts)
+        if any(p.logprobs for p in job.params):
+            job.tokens = [TextTokens(self.engine, self.engine.base_stop_ids | set(p.stop_token_ids))
+                          for p in job.params]
+
+        def on_logprob(key: int, token: int, logprob: float, top) -> None:
+            job.tokens[key - first].add(token, logprob, top)
+
+        def on_token(key: int, _token: int, delta: str) -> bool:
+            self.metrics.tokens()
+            if delta:
+                choice = key - first
+                job.emit("delta", choice, delta, job.tokens[choice].take(delta) if job.tokens else None)
+            return not job.should_stop()
+
+        def on_finish(key: int, completion: Completion) -> None:
+            results[key - first] = completion
+            if all(c is not None for c in results):  # answer this request now, not when the batch ends
+                job.emit("done", results)
+                self.release(job)
+                with self._cond:
+                    if job in self._running:
+                        self._running.remove(job)
+
+        return on_token, on_finish, on_logprob if job.tokens is not None else None
+
+    # ---- static batching -------------------------------------------------------------------------------------
+
     def _next_batch(self) -> list[Job]:
         with self._cond:
             while not self._waiting and not self._stopped:
@@ -188,7 +260,8 @@ class Scheduler:
                     break
                 batch.append(self._waiting.pop(0))
                 rows += len(job.prompts)
-            self._running = batch
+            self._running = list(batch)
+            self._static_rows = rows
             return batch
 
     def _work(self) -> None:
@@ -198,43 +271,86 @@ class Scheduler:
                 if self._stopped:
                     return
                 continue
-            owners = [(job, k) for job in jobs for k in range(len(job.prompts))]
-            results: dict[int, list] = {id(job): [None] * len(job.prompts) for job in jobs}
-            for job in jobs:
-                if any(p.logprobs for p in job.params):
-                    job.tokens = [TextTokens(self.engine, self.engine.base_stop_ids | set(p.stop_token_ids))
-                                  for p in job.params]
-
-            def on_logprob(row: int, token: int, logprob: float, top) -> None:
-                job, choice = owners[row]
-                if job.tokens is not None:
-                    job.tokens[choice].add(token, logprob, top)
-
-            def on_token(row: int, _token: int, delta: str) -> bool:
-                job, choice = owners[row]
-                if delta:
-                    job.emit("delta", choice, delta, job.tokens[choice].take(delta) if job.tokens else None)
-                return not job.should_stop()
-
-            def on_finish(row: int, completion: Completion) -> None:
-                job, choice = owners[row]
-                mine = results[id(job)]
-                mine[choice] = completion
-                if all(c is not None for c in mine):  # answer this request now, not when the batch ends
-                    job.emit("done", mine)
-                    self.release(job)
-
             try:
-                self.engine.generate([p for job in jobs for p in job.prompts],
-                                     [p for job in jobs for p in job.params], on_token=on_token, on_finish=on_finish,
-                                     on_logprob=on_logprob)
-            except Exception as e:  # a bug or an engine-side user error: fail these requests, keep serving
-                for job in jobs:
-                    if not job.released:
-                        job.emit("error", f"{type(e).__name__}: {e}")
-                        self.release(job)
+                self._generate(jobs)
+            except Exception as e:  # noqa: BLE001 (a bug or an engine-side user error: fail these, keep serving)
+                self._fail(jobs, e)
                 continue
             finally:
                 with self._cond:
                     self._running = []
+                    self._static_rows = 0
             self.batches += 1
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` as one static batch; row ``i`` of the engine call is a row of ``jobs`` in order."""
+        owner = []  # row → its job's callbacks
+        for job in jobs:
+            owner += [self._callbacks(job, len(owner))] * len(job.prompts)
+
+        def on_logprob(row: int, token: int, logprob: float, top) -> None:
+            if owner[row][2] is not None:
+                owner[row][2](row, token, logprob, top)
+
+        self.engine.generate([p for job in jobs for p in job.prompts], [p for job in jobs for p in job.params],
+                             on_token=lambda row, *a: owner[row][0](row, *a),
+                             on_finish=lambda row, c: owner[row][1](row, c), on_logprob=on_logprob)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if not job.released:
+                job.emit("error", f"{type(error).__name__}: {error}")
+                self.release(job)
+
+    # ---- continuous batching ---------------------------------------------------------------------------------
+
+    def _work_continuous(self) -> None:
+        batch = self._batch
+        while True:
+            with self._cond:
+                while not self._waiting and not batch.rows and not self._stopped:
+                    self._cond.wait()
+                if self._stopped and not self._waiting and not batch.rows:
+                    return
+            with self.engine.lock:  # one step at a time; Engine.generate callers (and tests) can hold it
+                self._join(batch)
+                for job in list(self._running):
+                    if job.should_stop():  # rows not decoding yet are dropped now, the others at their next token
+                        for key in job.keys:
+                            batch.cancel(key)
+                if not batch.rows:
+                    continue
+                try:
+                    batch.step()
+                except Exception as e:  # noqa: BLE001 (a bug: fail the requests in the batch, keep serving)
+                    with self._cond:
+                        jobs, self._running = self._running, []
+                    batch.clear()
+                    self._fail(jobs, e)
+
+    def _join(self, batch: ContinuousBatch) -> None:
+        """Let queued requests into the batch, oldest first, while their rows fit ``max_batch_rows``."""
+        with self._cond:
+            joined = False
+            while self._waiting:
+                job = self._waiting[0]
+                if job.should_stop():  # gave up (or timed out, or the server is stopping) while waiting
+                    self._waiting.pop(0)
+                    job.emit("done", None)
+                    continue
+                if batch.rows and batch.rows + len(job.prompts) > self.max_batch_rows:
+                    break
+                self._waiting.pop(0)
+                first = self._next_key
+                self._next_key += len(job.prompts)
+                job.keys = list(range(first, first + len(job.prompts)))
+                on_token, on_finish, on_logprob = self._callbacks(job, first)
+                try:
+                    batch.add(job.keys, job.prompts, job.params, on_token, on_finish, on_logprob)
+                except GptforgeError as e:  # settings or a prompt the engine refuses: this request only
+                    self._fail([job], e)
+                    continue
+                self._running.append(job)
+                joined = True
+            if joined:
+                self.batches += 1
