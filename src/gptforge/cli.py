@@ -32,7 +32,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"gptforge: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only`` (a module of COMMAND_MODULES) just that command, so running a
+    stage imports and builds no other command's parser."""
     parser = Parser(
         prog="gptforge", description="Train, fine-tune, evaluate, serve and publish GPT-2-class models.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -40,9 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMAND_MODULES:
-        # Every command module must import: a failure here is a bug and surfaces with its traceback.
-        importlib.import_module(f"gptforge.commands.{name}").register(sub)
+        if only is None or name == only:
+            # Every command module must import: a failure here is a bug and surfaces with its traceback.
+            importlib.import_module(f"gptforge.commands.{name}").register(sub)
     return parser
+
+
+def _command_module(argv: list[str]) -> str | None:
+    """The module of the command ``argv`` starts with; None for no command, an option or an unknown name
+    (the full parser then lists every command)."""
+    if argv and argv[0].rstrip("_") == argv[0]:  # "import_" is a module name, not a command
+        name = "import_" if argv[0] == "import" else argv[0]
+        if name in COMMAND_MODULES:
+            return name
+    return None
 
 
 def _version() -> str:
@@ -52,7 +65,8 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_module(argv))
     try:
         args, extra = parser.parse_known_args(argv)
     except GptforgeError as e:  # raised by an argument type

@@ -45,7 +45,8 @@ def register(sub) -> None:
     prep.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)"
     )
-    prep.add_argument("--workers", type=nonneg_int, default=0, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--workers", type=nonneg_int, default=0,
+                      help="tokenizing threads (default 0: all cores); any count writes the same bytes")
     prep.add_argument(
         "--shard-tokens", type=_count, default=100_000_000, help="tokens per shard (default 100M)"
     )

@@ -1,8 +1,9 @@
 """``gptforge data prepare``: tokenize text sources into headered shards plus ``manifest.json``.
 
-Pipeline: the main process streams pieces from the sources (``data/sources.py``), groups them into batches of
-bounded size and hands them to N worker processes; results come back in submission order, so the shards do
-not depend on N. Every document is preceded by the end-of-text token (so documents are joined with it) and
+Pipeline: the main thread streams pieces from the sources (``data/sources.py``), groups them into batches of
+bounded size and hands them to N tokenizing threads (``data/workers.py``: the encoders release the GIL, so
+the threads use N cores without worker processes); results are consumed in submission order, so the shards
+do not depend on N. Every document is preceded by the end-of-text token (so documents are joined with it) and
 goes to ``train`` or ``val`` by a stable hash of its first 1,024 characters: the same document lands in the
 same split on every run, with any number of workers. With ``--val-split``/``--val-source`` the hash split is
 off instead: those inputs are read first and all go to ``val``, the others all to ``train`` (a batch never mixes
@@ -43,11 +44,11 @@ from gptforge.data.shards import ShardWriter
 from gptforge.data.sources import DEFAULT_PIECE_CHARS, ReadStats, expand_sources, separator_rule, val_sources
 from gptforge.data.workers import (  # noqa: F401  (is_validation: the split rule, part of this module's API)
     SPLIT_HASH_CHARS,
-    _init_local_encoder,
-    _worker_pool,
     encode_batch,
     encoder_payload,
     is_validation,
+    plain_encoder,
+    tokenizer_threads,
 )
 from gptforge.errors import GptforgeError
 from gptforge.io import write_json
@@ -65,7 +66,7 @@ class PrepareConfig:
     val_fraction: float = 0.01
     shard_tokens: int = 100_000_000
     max_tokens: int | None = None
-    workers: int = 0  # 0: all cores
+    workers: int = 0  # tokenizing threads; 0: all usable cores
     # .txt documents: file | blank | line | a literal; None: auto-detect (sources.detect_separator)
     separator: str | None = None
     field: str = "text"  # .jsonl/.json field
@@ -240,16 +241,17 @@ class _Run:
         self.bytes_done = 0
         self.bytes_read = 0  # bytes_done plus the bytes of documents --sample-docs left out
         self.generation = 0
-        self.workers = cfg.workers or os.cpu_count() or 1
+        self.workers = cfg.workers or _usable_cores()
         self.inflight = 2 * self.workers
         buffer_chars = int(cfg.buffer_mb * 2**20)
-        # Text in flight ≈ (inflight + 1) batches; a piece never exceeds a batch.
-        self.batch_chars = max(1 << 12, min(4 << 20, buffer_chars // (self.inflight + 2)))
+        # Text in flight ≈ (inflight + 1) batches; a piece never exceeds a batch. Batches of ~1M characters
+        # (~50 ms of tokenizing) keep the threads evenly busy to the end at a negligible cost per batch.
+        self.batch_chars = max(1 << 12, min(1 << 20, buffer_chars // (self.inflight + 2)))
         self.piece_chars = min(DEFAULT_PIECE_CHARS, self.batch_chars)
         self.budget = cfg.max_tokens
-        self.split_args = (cfg.val_fraction, cfg.split_salt)
+        self.split_args = (cfg.val_fraction, cfg.split_salt, False)
         if any(s.all_val for s in sources):  # the split is by input: no hash split
-            self.split_args = (0.0, cfg.split_salt)
+            self.split_args = (0.0, cfg.split_salt, False)
         self.start_time = time.time()
         self.elapsed_before = 0.0
         self.current_is_val = False  # the split of the document the last consumed piece belongs to
@@ -306,11 +308,12 @@ class _Run:
 
     def _batches(self):
         """Batches of the pieces after the ``pieces_done`` already written (pieces --sample-docs leaves out
-        are not counted). The main process only reads, samples and cuts; hashing for the split and
-        tokenizing happen in the workers."""
+        are not counted). The main thread only reads, samples and cuts; hashing for the split and
+        tokenizing happen in the tokenizing threads."""
         texts, firsts, nbytes, chars, left_out = [], [], 0, 0, 0
         split = self.split_args
         index = 0
+        pieces_done, batch_chars = self.pieces_done, self.batch_chars
         for i, src in enumerate(self.sources):
             if i < len(self.source_ends):  # finished before the checkpoint we resume from: skip unread
                 end = self.source_ends[i]
@@ -340,15 +343,16 @@ class _Run:
                             left_out += piece.nbytes
                         continue
                 index += 1
-                if index <= self.pieces_done:
+                if index <= pieces_done:
                     continue
-                if texts and chars + len(piece.text) > self.batch_chars:  # a batch never exceeds batch_chars
+                text = piece.text
+                if texts and chars + len(text) > batch_chars:  # a batch never exceeds batch_chars
                     yield Batch(texts, np.array(firsts), nbytes, split, nbytes + left_out)
                     texts, firsts, nbytes, chars, left_out = [], [], 0, 0, 0
-                texts.append(piece.text)
+                texts.append(text)
                 firsts.append(piece.first)
                 nbytes += piece.nbytes
-                chars += len(piece.text)
+                chars += len(text)
             if sampled:
                 self.sample.check(i, src, self.read.rows - rows_before)
             self.per_source_docs.append(self.read.documents - before[0])
@@ -367,7 +371,7 @@ class _Run:
     # -- main loop --
 
     def run(self) -> dict:
-        payload = encoder_payload(self.tokenizer)
+        encoder = plain_encoder(self.tokenizer, self.dtype)
         if self.pieces_done == 0 and not (self.out / STATE).exists():
             self._checkpoint()  # marks the directory as ours from the first byte on
         total_bytes = (
@@ -375,19 +379,15 @@ class _Run:
         )
         if self._budget_left() == 0:
             return self._finish()
-        if self.workers == 1:
-            _init_local_encoder(self.tokenizer, payload, self.dtype)
+        pool = tokenizer_threads(self.workers)
+        try:
             with _progress(self.cfg.progress, total_bytes, self.bytes_read) as bar:
-                for batch in self._batches():
-                    if self._consume(batch, encode_batch(batch.texts, batch.firsts, *batch.split), bar):
-                        break
-            return self._finish()
-        with _worker_pool(self.workers, payload, self.dtype) as pool:
-            with _progress(self.cfg.progress, total_bytes, self.bytes_read) as bar:
-                self._run_pool(pool, bar)
+                self._run_pool(pool, bar, encoder)
+        finally:  # an error or Ctrl-C: drop the queued batches, let the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
         return self._finish()
 
-    def _run_pool(self, pool, bar) -> None:
+    def _run_pool(self, pool, bar, encoder) -> None:
         """Keep ``inflight`` batches queued; consume results strictly in submission order."""
         pending: deque = deque()
         batches = self._batches()
@@ -398,13 +398,12 @@ class _Run:
                 if batch is None:
                     exhausted = True
                     break
-                pending.append((batch, pool.submit(encode_batch, batch.texts, batch.firsts, *batch.split)))
+                future = pool.submit(encode_batch, batch.texts, batch.firsts, *batch.split, encoder)
+                pending.append((batch, future))
             if not pending:
                 return
             batch, future = pending.popleft()
             if self._consume(batch, future.result(), bar):
-                for _, f in pending:
-                    f.cancel()
                 return
 
     def _budget_left(self) -> int | None:
@@ -546,6 +545,13 @@ class _Run:
         if cfg.progress:
             print(summary(manifest, self.out))
         return manifest
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _progress(enabled: bool, total: int | None, initial: int):

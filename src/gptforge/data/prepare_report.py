@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptforge.charts import save_figure
 from gptforge.data.prepare_state import HISTOGRAM_PNG
+from gptforge.io import atomic_write_bytes
 
 
 def summary(manifest: dict, out: Path) -> str:
@@ -41,24 +41,88 @@ def summary(manifest: dict, out: Path) -> str:
 
 
 def plot_histogram(manifest: dict, path: Path) -> None:
-    """Document-length histogram (log2 bins) as a PNG."""
-    import matplotlib
+    """Document-length histogram (log2 bins) as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn with Pillow (which matplotlib is built on) rather than matplotlib: importing matplotlib alone takes
+    ~0.4 s, a fifth of preparing 38 MB on two cores; Pillow's import and this drawing take ~0.05 s."""
+    import io
+
+    from PIL import Image, ImageDraw
 
     counts = np.array(manifest["doc_length_histogram"]["counts"])
     nz = np.flatnonzero(counts)
     if nz.size == 0:
         return
     lo, hi = int(nz[0]), int(nz[-1])
+    shown = counts[lo : hi + 1]
     labels = [f"<{2**b:,}" if b > 0 else "0" for b in range(lo, hi + 1)]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(labels)), counts[lo : hi + 1], color="#4c72b0")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("document length (tokens, log2 bins)")
-    ax.set_ylabel("documents")
     docs = manifest["documents"]
-    ax.set_title(f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens")
-    fig.tight_layout()
-    save_figure(fig, path)
+    title = f"{docs['train'] + docs['val']:,} documents, {sum(manifest['tokens'].values()):,} tokens"
+
+    width, height = 800, 400
+    left, right, top, bottom = 92, 16, 36, 96  # plot area margins: y tick labels, title, rotated x labels
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    x0, x1, y0, y1 = left, width - right, top, height - bottom
+    step = _nice_step(int(shown.max()))
+    y_max = step * -(-int(shown.max()) // step)  # the first tick at or above the tallest bar
+    for tick in range(0, y_max + 1, step):
+        y = y1 - (y1 - y0) * tick / y_max
+        draw.line([(x0, y), (x1, y)], fill="#e6e6e6")
+        draw.line([(x0 - 4, y), (x0, y)], fill="black")
+        draw.text((x0 - 7, y), f"{tick:,}", fill="black", font=font, anchor="rm")
+    slot = (x1 - x0) / len(shown)
+    for i, (n, label) in enumerate(zip(shown.tolist(), labels)):
+        bx = x0 + slot * i
+        if n:
+            draw.rectangle([bx + slot * 0.1, y1 - (y1 - y0) * n / y_max, bx + slot * 0.9, y1], fill="#4c72b0")
+        _rotated_label(img, label, small, bx + slot / 2, y1 + 6)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    draw.text(((x0 + x1) / 2, y0 - 10), title, fill="black", font=_font(15), anchor="ms")
+    draw.text(((x0 + x1) / 2, height - 8), "document length (tokens, log2 bins)", fill="black", font=font,
+              anchor="md")
+    ylabel = Image.new("L", (160, 20), 0)
+    ImageDraw.Draw(ylabel).text((80, 10), "documents", fill=255, font=font, anchor="mm")
+    ylabel = ylabel.rotate(90, expand=True)
+    img.paste("black", (6, int((y0 + y1) / 2 - ylabel.height / 2)), ylabel)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+def _font(size: int):
+    """DejaVu Sans at ``size``: the font of every matplotlib chart, from matplotlib's own files (found without
+    importing it); else Pillow's bundled font (Pillow >= 10.1)."""
+    import importlib.util
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        try:
+            return ImageFont.truetype(str(Path(spec.origin).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"), size)
+        except OSError:
+            pass
+    return ImageFont.load_default(size=size)
+
+
+def _nice_step(top: int) -> int:
+    """A tick step of 1, 2 or 5 × 10^k giving at most 6 intervals up to ``top``."""
+    step = 1
+    while True:
+        for m in (1, 2, 5):
+            if top <= 6 * step * m:
+                return step * m
+        step *= 10
+
+
+def _rotated_label(img, text: str, font, x: float, y: float) -> None:
+    """``text`` at 45 degrees, its end at (x, y), hanging down and to the left (like rotated axis labels)."""
+    from PIL import Image, ImageDraw
+
+    w = int(ImageDraw.Draw(img).textlength(text, font=font)) + 4
+    label = Image.new("L", (w, 16), 0)
+    ImageDraw.Draw(label).text((w - 2, 8), text, fill=255, font=font, anchor="rm")
+    label = label.rotate(45, expand=True, resample=Image.BICUBIC)
+    img.paste("black", (int(x - label.width), int(y)), label)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,6 +413,8 @@ def _download(entry: Dataset) -> Path:
 
 
 def _download_url(url: str, dest: Path) -> None:
+    import urllib.request  # here, not at the top: every `data prepare` imports this module, few download
+
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=30) as r, open(dest, "wb") as f:

@@ -35,7 +35,7 @@ _SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
-@dataclass
+@dataclass(slots=True)
 class Piece:
     """A slice of a document: ``first`` starts a new document; ``nbytes`` raw input bytes it consumed."""
 
@@ -228,6 +228,17 @@ def _txt_pieces(src: Source, stats: ReadStats, piece_chars: int, skip_bad: bool)
         parts = pattern.split(buf)
         buf = parts.pop()
         for part in parts:
+            if not state["open"]:  # what finish() does, inline for the common case: a document of one piece
+                doc = part.strip()
+                if not doc:
+                    continue
+                if len(doc) <= piece_chars:
+                    state["index"] += 1
+                    stats.documents += 1
+                    stats.rows += 1
+                    yield Piece(doc, True, state["pending"], where())
+                    state["pending"] = 0
+                    continue
             yield from finish(part)
         while len(buf) > 2 * piece_chars:  # an unfinished document this long: emit its head now
             if not state["open"]:
