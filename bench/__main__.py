@@ -72,7 +72,8 @@ def commands(quick: bool, threads: int) -> dict[str, dict]:
             "json": OUT / "generate.json", "timeout": 900},
         "prepare": {
             "argv": [py + "bench_prepare.py", "--repeat", "4", "--workers", "1", "2",
-                     "--rounds", "3" if quick else "5", "--out", str(OUT / "prepare.json")],
+                     "--rounds", "3" if quick else "5", "--out", str(OUT / "prepare.json"),
+                     "--md", ""],  # keep bench/results_prepare.md (the 38.5 MB run)
             "json": OUT / "prepare.json", "timeout": 600},
         "eval": {
             "argv": [py + "bench_eval.py", "--preset", "tiny", "--items", "50" if quick else "100",
