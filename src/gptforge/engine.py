@@ -146,9 +146,13 @@ class Engine:
 
     ``dtype=None`` keeps the model's dtype; :meth:`from_checkpoint` applies the one precision rule
     (:mod:`gptforge.precision`: bf16 where the GPU or CPU computes it natively, else fp16 on CUDA, fp32 on CPU).
+    ``compile=True`` decodes with the model's static-shape step under ``torch.compile`` (CUDA graphs on CUDA):
+    see :meth:`_compile_step`. Off by default: on a CPU it is no faster, and eager decoding keeps the reference
+    path's tokens exactly.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, device="cpu", dtype=None, context_policy: str = "error"):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device="cpu", dtype=None, context_policy: str = "error",
+                 compile: bool = False):
         if context_policy not in CONTEXT_POLICIES:
             raise GptforgeError(f"context_policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         if tokenizer is None:
@@ -165,9 +169,22 @@ class Engine:
             self.base_stop_ids.add(tokenizer.special_tokens[IM_END])
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self.lock = threading.Lock()
+        self.compiled_step = self._compile_step() if compile else None
+
+    def _compile_step(self):
+        """The model's static-shape decoding step (:meth:`GPT.decode_step`) under ``torch.compile``, compiled on
+        the first batch (seconds for small models, about a minute for GPT-2 on a CPU), again for a new batch
+        shape. On CUDA with CUDA graphs (``mode="reduce-overhead"``: one graph replay per token; not tested here,
+        there is no GPU in CI). On a CPU it measured no faster than eager (bench/results_generate.md), hence off
+        by default. Tokens may differ from the eager path's in near-ties (fused kernels round differently)."""
+        if not hasattr(self.model, "decode_step"):
+            raise GptforgeError(f"compile=True needs a model with decode_step(); {type(self.model).__name__} has none")
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(self.model.decode_step, mode=mode)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error") -> Engine:
+    def from_checkpoint(cls, path, device="cpu", dtype=None, context_policy: str = "error",
+                        compile: bool = False) -> Engine:
         """Load any checkpoint form (step dir, run dir, HF directory) into an engine."""
         from gptforge.checkpoint import load_model
         from gptforge.precision import DTYPES, resolve_precision
@@ -178,7 +195,8 @@ class Engine:
         else:
             name = {v: k for k, v in DTYPES.items()}[dtype]
             precision = resolve_precision(name, torch.device(device))
-        engine = cls(model, tokenizer, device=device, dtype=precision.dtype, context_policy=context_policy)
+        engine = cls(model, tokenizer, device=device, dtype=precision.dtype, context_policy=context_policy,
+                     compile=compile)
         engine.meta = meta
         engine.precision = precision
         return engine
@@ -353,7 +371,11 @@ class Engine:
 
     def _decode(self, rows: list[_Row], on_token: OnToken | None, on_finish: OnFinish | None = None,
                 on_logprob: OnLogprob | None = None) -> None:
-        """Static batching: prefill ``rows`` together, then decode until every row is done."""
+        """Static batching: prefill ``rows`` together, then decode until every row is done.
+
+        Per token, only what a step needs: the model gets positions and a key mask kept here (not rebuilt from
+        the (B, S) mask), sampling skips the settings nobody uses (greedy rows: one argmax; penalty state only
+        when a penalty is on). With ``compile=True`` the steps run the compiled static-shape step instead."""
         device, model = self.device, self.model
         B = len(rows)
         P = max(len(r.prompt) for r in rows)
@@ -364,8 +386,11 @@ class Engine:
             r.on_token, r.on_finish, r.on_logprob, r.track_text = on_token, on_finish, on_logprob, track_text
             r.generator = self._generator(r.params.seed) if r.params.temperature > 0 else None
 
+        # The static step (compile=True) keeps one shape for every step of every batch of about this size: its
+        # cache is rounded up to 64 columns (the mask hides the rest), so a new length rarely means a new graph.
+        width = P + steps if self.compiled_step is None else min(self.block_size, -(-(P + steps) // 64) * 64)
         idx = torch.full((B, P), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((B, P + steps), dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
         for b, r in enumerate(rows):
             idx[b, P - len(r.prompt):] = torch.tensor(r.prompt)
             mask[b, P - len(r.prompt):] = 1  # generated positions are real too
@@ -380,8 +405,18 @@ class Engine:
         if settings.any_presence_frequency:
             counts = torch.zeros((B, vocab), dtype=torch.int32, device=device)
 
-        cache = self._new_cache(B, P + steps)
+        cache = self._new_cache(B, width) if self.compiled_step is None else self._static_cache(B, width)
         logits = model(idx, attention_mask=mask[:, :P], kv_cache=cache, logits_to_keep=1)[0][:, -1]
+        # A decoding step feeds one token per row at a position known in advance: the positions and the key mask
+        # are kept here, not rebuilt by the model from the (B, S) mask at every step (the same values).
+        keys = mask.bool().view(B, 1, 1, width)  # (B, 1, 1, S_max): True = a real token
+        positions = torch.tensor([[len(r.prompt)] for r in rows], device=device)  # (B, 1): the next token's
+        static = None
+        if self.compiled_step is not None:  # finished rows stay in the batch (ignored), so shapes never change
+            keys = keys.clone()
+            keys[..., P:] = False  # columns not written yet
+            cache.make_static(P)
+            static = torch.zeros((B, 1), dtype=torch.long, device=device), None  # (tokens fed, rows alive)
         active = list(rows)  # the rows still in the batch, in batch order
         for step in range(steps):
             chosen, keep = self._sample(logits, active, settings, seen, counts)
@@ -393,13 +428,50 @@ class Engine:
                 counts[torch.arange(len(active), device=device), chosen] += 1
             if len(keep) < len(active):  # compact: finished rows leave the batch
                 k = torch.tensor(keep, device=device)
-                cache.reorder(k)
-                chosen, mask = chosen[k], mask[k]
+                chosen = chosen[k]
                 settings = settings.select(k)
                 seen = seen[k] if seen is not None else None
                 counts = counts[k] if counts is not None else None
                 active = [active[j] for j in keep]
-            logits = model(chosen[:, None], attention_mask=mask[:, : cache.length + 1], kv_cache=cache)[0][:, -1]
+                if static is None:
+                    cache.reorder(k)
+                    keys, positions = keys[k], positions[k]
+                else:
+                    static = static[0], (k if static[1] is None else static[1][k])
+            if static is None:
+                logits = model(chosen[:, None], attention_mask=keys[..., : cache.length + 1], position_ids=positions,
+                               kv_cache=cache)[0][:, -1]
+                positions = positions + 1
+            else:
+                logits = self._static_step(static, chosen, positions, keys, cache, P + step)
+
+    def _static_cache(self, batch_size: int, width: int) -> KVCache:
+        """The compiled step's cache: the last one again (zeroed) when the shape is the same, so that CUDA graphs
+        keep their input addresses (marked static) and nothing is recompiled."""
+        last = getattr(self, "_last_static", None)
+        if last is not None and last.k.shape[1] == batch_size and last.max_len == width:
+            last.k.zero_()
+            last.v.zero_()
+            last.length, last.write_at = 0, None
+            return last
+        cache = self._new_cache(batch_size, width)
+        if self.device.type == "cuda":  # CUDA graphs keep these addresses (untested here: no GPU in CI)
+            for k, v in cache.layers:
+                torch._dynamo.mark_static_address(k)
+                torch._dynamo.mark_static_address(v)
+        self._last_static = cache
+        return cache
+
+    def _static_step(self, static, chosen, positions, keys, cache: KVCache, column: int) -> torch.Tensor:
+        """One compiled decoding step over the whole batch (rows that finished are fed again and ignored):
+        inputs updated in place, the new keys/values written at ``column``; logits of the rows alive."""
+        tokens, alive = static
+        tokens[alive if alive is not None else slice(None), 0] = chosen
+        keys[..., column] = True
+        cache.write_at.fill_(column)
+        logits = self.compiled_step(tokens, positions, keys, cache)
+        positions.add_(1)
+        return logits[alive] if alive is not None else logits
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], settings, seen: torch.Tensor | None,
                 counts: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:

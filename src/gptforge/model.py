@@ -84,6 +84,11 @@ class KVCache:
     A forward pass over ``T`` new tokens writes them at ``[length, length+T)`` in every layer; the model
     advances ``length`` once all layers are done. ``attention_mask`` passed alongside a cache covers all
     ``length + T`` positions (past and new), as in Hugging Face.
+
+    Static-shape decoding (:meth:`GPT.decode_step`, what ``torch.compile`` and CUDA graphs take): after
+    :meth:`make_static`, one new token per row is written at the column held in the ``(1,)`` tensor ``write_at``
+    and attention sees every column (the caller's mask hides the ones not written yet); ``length`` is then the
+    caller's.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -93,13 +98,27 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.write_at: torch.Tensor | None = None  # (1,) column for static-shape decoding, else None
+        # Each layer's keys/values as views made once, for static-shape decoding: a compiled step updates them in
+        # place, while a view of the whole 5-D tensor taken inside the graph would make it copy that tensor.
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def make_static(self, column: int) -> None:
+        """Switch to static-shape decoding, the next token written at ``column``."""
+        self.write_at = torch.tensor([column], device=self.k.device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values for ``layer``; return all keys/values so far."""
+        """Store this step's keys/values ``(B, n_head, T, head_dim)`` for ``layer``; return all keys/values so far
+        ``(B, n_head, S, head_dim)`` (static: every column, S = max_len)."""
+        if self.write_at is not None:  # in place at a column held in a tensor: the same shapes at every step
+            k_all, v_all = self.layers[layer]
+            k_all.index_copy_(2, self.write_at, k)
+            v_all.index_copy_(2, self.write_at, v)
+            return k_all, v_all
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise GptforgeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
@@ -111,6 +130,7 @@ class KVCache:
         """Keep only the batch rows in ``index`` (e.g. after some sequences finished)."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
 
 class CausalSelfAttention(nn.Module):
@@ -255,6 +275,20 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """Next-token logits ``(B, V)`` for one new token per row, ``idx`` ``(B, 1)`` at ``position_ids`` ``(B, 1)``,
+        with the boolean key mask ``mask`` ``(B, 1, 1, S)`` (True = may attend) built by the caller.
+
+        :meth:`forward`'s math without its bookkeeping (no Python number changes from one step to the next), so
+        that with a static cache (:meth:`KVCache.make_static`, S = the cache's length) the step has the same
+        shapes every time: what ``torch.compile`` and CUDA graphs take. ``kv_cache.length`` is the caller's.
+        """
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, 1, C)
+        for block in self.transformer.h:
+            x = block(x, mask, kv_cache)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]  # (B, V)
 
     @staticmethod
     def _attention_bias(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor | None:

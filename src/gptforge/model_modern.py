@@ -315,6 +315,20 @@ class ModernGPT(nn.Module):
             )
         return logits, loss
 
+    def decode_step(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """Next-token logits ``(B, V)`` for one new token per row, as :meth:`gptforge.model.GPT.decode_step`
+        (the static-shape step that ``torch.compile`` and CUDA graphs take)."""
+        x = self.transformer.wte(idx)  # (B, 1, d)
+        rope = None
+        if self.config.pos == "rope":
+            rope = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)
+        else:
+            x = x + self.transformer.wpe(position_ids)
+        for block in self.transformer.h:
+            x = block(x, rope, mask, kv_cache)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]  # (B, V)
+
     def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
         """A KV cache with ``n_kv_head`` heads per layer (grouped-query attention's memory saving). The engine's
         own ``KVCache(model.config, ...)`` holds ``n_head`` heads; the attention fills either kind."""

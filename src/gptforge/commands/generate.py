@@ -17,6 +17,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default auto: the one precision rule, bf16 where the CPU/GPU computes it natively, else float32 on CPU, float16 on older GPUs)")
     p.add_argument("--context-policy", default="error", choices=["error", "slide"],
                    help="a prompt longer than the context: fail, or keep its last tokens (default: error)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd static-shape step, with CUDA graphs on CUDA (untested "
+                        "here); compiles first (seconds to a minute); on CPU measured no faster than the default; "
+                        "tokens may differ in near-ties (serve: --batching static only)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -79,7 +83,7 @@ def load_engine(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype not in (None, "auto") else None
     engine = Engine.from_checkpoint(args.checkpoint, device=pick_device(args.device), dtype=dtype,
-                                    context_policy=args.context_policy)
+                                    context_policy=args.context_policy, compile=getattr(args, "compile", False))
     print(f"gptforge: {engine.device} {engine.precision.describe}", file=sys.stderr)
     return engine
 
