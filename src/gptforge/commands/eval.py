@@ -128,12 +128,9 @@ def _register_choice(esub) -> None:
 
 
 def run_choice(args) -> int:
-    from gptforge.checkpoint import load_model
     from gptforge.errors import GptforgeError
     from gptforge.eval.choice import evaluate_choice, format_summary
     from gptforge.io import write_json
-    from gptforge.precision import pick_device, resolve_precision
-    from gptforge.tokenizer import load_tokenizer
 
     options: dict = {"subjects": args.subjects}
     if args.task == "jsonl":
@@ -145,13 +142,7 @@ def run_choice(args) -> int:
             options[mapping[role]] = name
         options.update(template=args.template.replace("\\n", "\n") if args.template else None,
                        delimiter=args.delimiter)
-    device = pick_device(args.device)
-    names = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    precision = resolve_precision(names[args.dtype], device)
-    model, tokenizer, meta = load_model(args.checkpoint, device=device, dtype=precision.dtype)
-    print(f"gptforge: {device} {precision.describe}", file=sys.stderr)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+    model, tokenizer, meta, precision = _load_for_eval(args)
     result = evaluate_choice(model, tokenizer, args.task, data=args.data, limit=args.limit,
                              num_fewshot=args.num_fewshot, batch_size=args.batch_size, **options)
     result["checkpoint"] = meta["path"]
