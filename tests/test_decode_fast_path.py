@@ -10,7 +10,7 @@ import torch
 from gptforge.engine import Engine, SamplingParams
 from gptforge.model import GPT, GPTConfig, KVCache
 from gptforge.model_modern import ModernConfig, ModernGPT
-from gptforge.sampling import argmax_rows, finite_logits, row_settings
+from gptforge.sampling import apply_top_p, argmax_rows, draw, finite_logits, row_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,6 +34,57 @@ def test_argmax_rows_is_torch_argmax_with_ties_infinities_and_nan(dtype, vocab):
     scores[6] = 0.0  # everything tied
     assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
     assert torch.equal(argmax_rows(scores[2:5]), scores[2:5].argmax(dim=-1))  # a strided view
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0, 8.0, 30.0])
+def test_top_p_without_sorting_keeps_the_set_transformers_keeps_at_gpt2_vocabulary(scale):
+    """At a 50k vocabulary the nucleus is found without sorting (buckets of probabilities); the kept set is
+    HF's except, at most, one token per row whose cumulative probability is within float32 rounding of the cut
+    (HF's own softmax over the sorted row sums its normalizer in another order)."""
+    tlp = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.randn(8, 50257, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    for top_p in (0.01, 0.5, 0.9, 0.95, 0.999):
+        expected = tlp.TopPLogitsWarper(top_p)(None, logits.clone())
+        ours = apply_top_p(logits, torch.full((8, 1), 1 - top_p))
+        differ = torch.isinf(ours) != torch.isinf(expected)
+        assert differ.sum(dim=-1).max() <= 1
+        assert torch.equal(ours[~differ], expected[~differ])
+        for row, col in differ.nonzero().tolist():  # only a token right at the cut
+            ordered, index = torch.sort(logits[row])
+            cumulative = ordered.softmax(-1).cumsum(-1)[(index == col).nonzero().item()]
+            assert abs(cumulative.item() - (1 - top_p)) < 1e-6
+
+
+def test_top_p_without_sorting_keeps_a_nucleus_under_bf16_ties():
+    """bf16 logits tie by the thousand: the kept tokens are still the most likely ones, they hold more than
+    top_p of the mass, and dropping any one of the least likely kept tokens would leave at most top_p."""
+    logits = (torch.randn(6, 50257, generator=torch.Generator().manual_seed(5)) * 2).bfloat16().float()
+    logits[5] = 0.0  # all tied: uniform
+    for top_p in (0.3, 0.9):
+        ours = apply_top_p(logits, torch.full((6, 1), 1 - top_p))
+        probs = torch.softmax(logits.double(), -1)
+        for row in range(6):
+            kept = ~torch.isinf(ours[row])
+            assert probs[row][kept].min() >= probs[row][~kept].max() if (~kept).any() else True
+            assert probs[row][kept].sum() > top_p - 1e-6
+            assert probs[row][kept].sum() - probs[row][kept].min() <= top_p + 1e-6
+        assert (~torch.isinf(ours[5])).sum() == pytest.approx(top_p * 50257, abs=2)
+
+
+def test_two_level_draw_inverts_the_float64_cdf():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 50257, generator=g) * 3
+    scores[1, 1000:40000] = float("-inf")  # filtered tokens: never drawn
+    scores[2, :-1] = float("-inf")  # only the last token left
+    u = torch.rand(400, 5, dtype=torch.float64, generator=g)
+    u[0] = 0.0
+    u[1] = 1 - 2**-53
+    cdf = torch.softmax(scores.double(), -1).cumsum(-1)
+    for sample in u:
+        expected = torch.searchsorted(cdf, (sample * cdf[:, -1])[:, None], right=True).squeeze(1)
+        chosen = draw(scores, sample)
+        assert torch.equal(chosen, expected.clamp(max=50256))
+        assert not torch.isinf(scores[torch.arange(5), chosen]).any()
 
 
 def test_finite_check_passes_finite_logits_through_even_when_their_sum_overflows():

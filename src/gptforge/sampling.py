@@ -88,31 +88,47 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor, candidates: int = 512) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus filtering as HF's ``TopPLogitsWarper``: drop the least likely tokens whose ascending cumulative
     probability is ≤ 1 - top_p (the most likely token always stays; rows with top_p = 1 are untouched).
 
-    Sorting a 50k vocabulary per row per step dominates CPU decoding, so when the ``candidates`` most likely
-    tokens already hold more than top_p of the mass (every other token is dropped anyway) only they are
-    ranked; the rest of the time the whole vocabulary is sorted, exactly as HF does.
+    HF sorts the whole vocabulary, which on a CPU costs ~3 ms per 50k-token row per step, more than a small
+    model's forward pass. Here no row is sorted. The probabilities are bucketed by their float32 bit pattern
+    (the exponent and 7 mantissa bits: buckets 1/128 wide, in probability order) and each bucket's mass is
+    summed, so the cumulative mass per bucket finds the one bucket where the cut falls. Tokens in buckets
+    below it are dropped, above it kept, and only the few tokens inside it are ranked. The cumulative sums
+    are float64 then rounded to float32 before the comparison, as HF's float32 ``cumsum`` is; HF's
+    probabilities come from a softmax over the sorted row, whose normalizer is summed in another order, so a
+    token whose cumulative probability lies within float32 rounding (~1e-7) of 1 - top_p can land on the
+    other side. Ties are ranked in an arbitrary order, as in HF's (unstable) sort.
     """
-    active = one_minus_top_p > 0
-    if logits.size(-1) > 2 * candidates:
-        probs = torch.softmax(logits, dim=-1)
-        top_probs, top_idx = torch.topk(probs, candidates, dim=-1)  # descending
-        tail = probs.sum(-1, keepdim=True) - top_probs.sum(-1, keepdim=True)
-        if bool(((tail <= one_minus_top_p) | ~active).all()):
-            cumulative = tail + top_probs.flip(-1).cumsum(dim=-1)  # ascending, as HF accumulates
-            keep_sorted = cumulative > one_minus_top_p
-            keep_sorted[..., -1] = True
-            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx.flip(-1), keep_sorted)
-            return logits.masked_fill(~keep & active, NEG_INF)
-    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    sorted_remove = cumulative <= one_minus_top_p
-    sorted_remove[..., -1:] = False
-    sorted_remove &= active
-    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    shift = 16  # keep the sign, exponent and 7 mantissa bits of a probability
+    probs = torch.softmax(logits, dim=-1)  # (B, V), ≥ 0: its int32 bit patterns sort as the floats do
+    top = probs.amax(dim=-1, keepdim=True)
+    lowest = probs.amin(dim=-1, keepdim=True).view(torch.int32) >> shift
+    buckets = int(((top.view(torch.int32) >> shift) - lowest).max()) + 1
+    bucket = ((probs.view(torch.int32) >> shift) - lowest).long()  # (B, V) in [0, buckets)
+    mass = torch.zeros(len(probs), buckets, device=probs.device).scatter_add_(1, bucket, probs)
+    mass = mass.double().cumsum_(dim=-1)  # (B, buckets): mass of every token up to the end of each bucket
+    q = one_minus_top_p.float()
+    edge = torch.searchsorted(mass.float(), q, right=True).clamp_(max=buckets - 1)  # (B, 1): first mass > q
+    below = torch.where(edge > 0, mass.gather(1, (edge - 1).clamp(min=0)), 0.0)  # (B, 1) mass below the edge
+    edge_start = ((edge + lowest) << shift).int().view(torch.float32)  # the edge bucket's smallest probability
+    edge_end = ((edge + lowest + 1) << shift).int().view(torch.float32)
+    remove = probs < edge_start
+    # the edge bucket's tokens, ranked row by row: (row, probability) ordered by row + probability ∈ [row, row+1]
+    rows, cols = ((probs < edge_end) & ~remove).nonzero(as_tuple=True)
+    values = probs[rows, cols].double()
+    order = torch.argsort(values + 2 * rows)
+    rows, cols, values = rows[order], cols[order], values[order]
+    running = values.cumsum(dim=0)
+    per_row = torch.bincount(rows, minlength=len(probs))
+    first = (per_row.cumsum(dim=0) - per_row)[rows]  # each entry's row's first entry
+    cumulative = running - (running[first] - values[first]) + below[rows, 0]
+    remove[rows, cols] = cumulative.float() <= q[rows, 0]
+    most_likely = argmax_rows(probs)[:, None]  # stays when nothing else does
+    remove.scatter_(1, most_likely, remove.gather(1, most_likely) & ~remove.all(dim=-1, keepdim=True))
+    remove &= one_minus_top_p > 0
     return logits.masked_fill(remove, NEG_INF)
 
 
@@ -183,9 +199,8 @@ def choose_tokens(scores: torch.Tensor, greedy: torch.Tensor, generators: list[t
                   ) -> torch.Tensor:
     """Argmax for greedy rows; a draw from ``softmax(scores)`` with the row's own generator otherwise.
 
-    Sampling inverts the CDF with one uniform number per row (``torch.multinomial`` over a 50k vocabulary is
-    far slower on CPU); the float64 cumulative sum keeps tail probabilities exact enough, and the strict
-    comparison never picks a zero-probability (filtered) token.
+    Sampling inverts the CDF with one uniform number per row (:func:`draw`; ``torch.multinomial`` over a 50k
+    vocabulary is far slower on CPU).
     """
     rows = torch.nonzero(~greedy).flatten()
     if len(rows) == 0:
@@ -195,9 +210,30 @@ def choose_tokens(scores: torch.Tensor, greedy: torch.Tensor, generators: list[t
     if len(rows) < len(scores):
         greedy_rows = torch.nonzero(greedy).flatten()
         chosen[greedy_rows] = argmax_rows(scores[greedy_rows])
-    cdf = torch.softmax(scores[rows].double(), dim=-1).cumsum(dim=-1)
     u = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64, device=scores.device)
                    for r in rows.tolist()])
-    draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    chosen[rows] = draws.clamp(max=scores.size(-1) - 1)
+    chosen[rows] = draw(scores[rows], u)
     return chosen
+
+
+def draw(scores: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The token each ``(R, V)`` row of ``scores`` gives its uniform number ``u`` (R,) by inverting the CDF
+    of ``softmax(scores)``: the first token whose cumulative probability exceeds ``u`` of the total.
+
+    Two levels, so no float64 pass over the vocabulary: float32 probabilities are summed in float64 per
+    chunk of ``chunk`` tokens, ``u`` picks the chunk, and only that chunk is accumulated token by token.
+    Every sum is float64, so tail probabilities count exactly; the strict comparison never picks a
+    zero-probability (filtered) token.
+    """
+    R, V = scores.shape
+    n = -(-V // chunk)
+    probs = torch.nn.functional.pad(torch.softmax(scores.float(), dim=-1), (0, n * chunk - V)).view(R, n, chunk)
+    mass = probs.sum(dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # (R, n) cumulative, chunk by chunk
+    target = u.double() * mass[:, -1]  # (R,)
+    c = torch.searchsorted(mass, target[:, None], right=True)  # (R, 1) the chunk
+    c = torch.minimum(c, (mass < mass[:, -1:]).sum(dim=-1, keepdim=True))  # ≤ the last chunk with mass > 0
+    before = torch.where(c > 0, mass.gather(1, (c - 1).clamp(min=0)), 0.0)  # (R, 1)
+    inner = probs[torch.arange(R, device=scores.device), c[:, 0]].double().cumsum_(dim=-1)  # (R, chunk)
+    j = torch.searchsorted(inner, target[:, None] - before, right=True)
+    last = (inner < inner[:, -1:]).sum(dim=-1, keepdim=True)  # the chunk's last token with probability > 0
+    return (c * chunk + torch.minimum(j, last)).squeeze(1)
