@@ -2,6 +2,7 @@
 finiteness check, the engine's precomputed positions and key mask, and the static-shape step behind
 ``Engine(compile=True)`` (run here uncompiled, and traced by ``torch.compile`` without Inductor)."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -146,6 +147,43 @@ def test_decode_step_equals_forward_bit_for_bit_and_its_static_form_closely(fami
         torch.testing.assert_close(close, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(static.k[0, :, :, :9], ref.k[0, :, :, :9])  # written in place at column 8
         assert static.k[:, :, :, 9:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_a_bf16_model_decodes_over_a_float32_cache_on_cpu(family, make_tiny_model):
+    """On a CPU a bf16 model keeps its KV cache in float32 (SDPA's bf16 kernel is 3–5× slower for one query):
+    cached decoding, dynamic and static, then gives the model's bf16 logits as closely as a bf16 cache does."""
+    from gptforge.precision import kv_cache_dtype
+
+    assert kv_cache_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert kv_cache_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+    assert kv_cache_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    model = _models()[family].to(torch.bfloat16)
+    reference = _models()[family]  # float32: what both bf16 paths approximate
+    idx = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(4))
+    new_cache = getattr(model, "new_kv_cache", lambda b, n, dtype: KVCache(model.config, b, n, dtype=dtype))
+    with torch.inference_mode():
+        truth = reference(idx)[0][:, -1]
+        errors = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            cache = new_cache(3, 16, dtype=dtype)
+            model(idx[:, :11], kv_cache=cache)
+            logits = model(idx[:, 11:], kv_cache=cache)[0][:, -1]
+            assert logits.dtype == torch.bfloat16 and cache.k.dtype == dtype
+            errors[dtype] = (logits.float() - truth).abs().max().item()
+        static = new_cache(3, 16, dtype=torch.float32)
+        model(idx[:, :11], kv_cache=static)
+        static.make_static(11)
+        keys = torch.zeros(3, 1, 1, 16, dtype=torch.bool)
+        keys[..., :12] = True
+        stepped = model.decode_step(idx[:, 11:], torch.full((3, 1), 11), keys, static)
+    assert errors[torch.float32] <= 1.5 * errors[torch.bfloat16] + 1e-3
+    torch.testing.assert_close(stepped.float(), truth, atol=4 * errors[torch.bfloat16] + 1e-2, rtol=0)
+    tiny, tok = make_tiny_model()
+    engine = Engine(copy.deepcopy(tiny).to(torch.bfloat16), tok)
+    assert engine.cache_dtype == torch.float32
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0))
+    assert all(len(c.token_ids) == 6 for c in out)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "modern"])

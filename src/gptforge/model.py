@@ -116,8 +116,8 @@ class KVCache:
         ``(B, n_head, S, head_dim)`` (static: every column, S = max_len)."""
         if self.write_at is not None:  # in place at a column held in a tensor: the same shapes at every step
             k_all, v_all = self.layers[layer]
-            k_all.index_copy_(2, self.write_at, k)
-            v_all.index_copy_(2, self.write_at, v)
+            k_all.index_copy_(2, self.write_at, k.to(k_all.dtype))
+            v_all.index_copy_(2, self.write_at, v.to(v_all.dtype))
             return k_all, v_all
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
@@ -149,12 +149,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+        out_dtype, q = q.dtype, q.to(k.dtype)  # a float32 cache under a bf16 model: precision.kv_cache_dtype
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:  # plain causal attention: lets SDPA pick the flash/efficient kernels
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(out_dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
