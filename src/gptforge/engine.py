@@ -28,7 +28,6 @@ import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.model import GPT, KVCache
-from gptforge.precision import kv_cache_dtype
 from gptforge.sampling import choose_tokens, process_logits, row_settings
 from gptforge.sampling_defaults import SAMPLING_DEFAULTS, SamplingDefaults  # noqa: F401 (re-exported)
 from gptforge.tokenizer import IM_END, IM_START, Tokenizer
@@ -162,7 +161,6 @@ class Engine:
         # dtype None keeps the model's own (a model being trained can be sampled from without a copy).
         self.model = model.to(device=self.device, dtype=dtype) if dtype else model.to(self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.cache_dtype = kv_cache_dtype(self.dtype, self.device)  # float32 under a bf16 model on a CPU
         self.tokenizer = tokenizer
         self.context_policy = context_policy
         self.block_size = model.config.block_size
@@ -365,8 +363,8 @@ class Engine:
         """An empty KV cache for this model (a model may size its own, e.g. fewer key/value heads)."""
         make = getattr(self.model, "new_kv_cache", None)
         if make is not None:
-            return make(batch_size, max_len, device=self.device, dtype=self.cache_dtype)
-        return KVCache(self.model.config, batch_size, max_len, device=self.device, dtype=self.cache_dtype)
+            return make(batch_size, max_len, device=self.device, dtype=self.dtype)
+        return KVCache(self.model.config, batch_size, max_len, device=self.device, dtype=self.dtype)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_id if self.tokenizer.pad_id < self.model.config.vocab_size else 0

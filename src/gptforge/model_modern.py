@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptforge.errors import GptforgeError
-from gptforge.model import GPT, IGNORE_INDEX, INITS, GPTConfig, KVCache
+from gptforge.model import GPT, IGNORE_INDEX, INITS, GPTConfig, KVCache, attend
 
 FAMILIES = ("gpt2", "modern")
 NORMS = ("rmsnorm", "layernorm")
@@ -178,15 +178,9 @@ class Attention(nn.Module):
                 group = self.n_head // self.n_kv_head
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, h or h_kv, S, hd), S = cached + T
-        # grouped keys/values: each serves n_head / n_kv_head query heads (SDPA repeats them, as repeat_interleave)
-        gqa = {"enable_gqa": True} if k.shape[1] != self.n_head else {}
-        out_dtype, q = q.dtype, q.to(k.dtype)  # a float32 cache under a bf16 model: precision.kv_cache_dtype
-        dropout_p = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal attention: lets SDPA pick the flash/efficient kernels
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
-        y = y.to(out_dtype).transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        # grouped keys/values: each serves n_head / n_kv_head query heads (as repeat_interleave would)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, h, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o_proj(y))
 
 

@@ -35,18 +35,6 @@ def pick_device(requested: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def kv_cache_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of a decoding KV cache for a model computing in ``compute`` on ``device``.
-
-    On a CPU a bf16/fp16 model keeps its keys and values in float32: SDPA's CPU kernel is 3–5× slower for one
-    bf16 query than for float32 (it converts block by block), and float32 attention over the bf16-rounded keys
-    and values is also the more accurate. Everything else keeps the model's dtype (the cache stays half the
-    size where the GPU's kernels are fast in bf16)."""
-    if device.type == "cpu" and compute in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return compute
-
-
 def cpu_native_bf16() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively, and which feature says so (AMX or AVX512-BF16)."""
     cpu = torch.cpu
