@@ -150,7 +150,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     h_kv = k.shape[1]
     if T == 1 and mask is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
         grouped = q.reshape(B, h_kv, h // h_kv, hd)  # (B, h_kv, g, hd): a group's queries together
-        scores = (grouped @ k.transpose(-1, -2)).float() * hd**-0.5  # (B, h_kv, g, S)
+        # k·qᵀ, not q·kᵀ: a cache's keys are a strided view, which bmm copies when it is the transposed operand
+        scores = (k @ grouped.transpose(-1, -2)).transpose(-1, -2).float() * hd**-0.5  # (B, h_kv, g, S)
         scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, mask.shape[-1]), float("-inf"))
         return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, h, 1, hd)
     gqa = {"enable_gqa": True} if h_kv != h else {}
