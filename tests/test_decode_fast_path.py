@@ -158,8 +158,8 @@ def test_bf16_decoding_attention_on_cpu_is_as_close_to_float32_as_sdpa_bf16(head
     g = torch.Generator().manual_seed(0)
     h, h_kv = heads
     q = torch.randn(5, h, 1, 32, generator=g) * 2
-    k, v = torch.randn(5, h_kv, 40, 32, generator=g) * 2, torch.randn(5, h_kv, 40, 32, generator=g)
-    mask = torch.rand(5, 1, 1, 40, generator=g) > 0.4
+    k, v = torch.randn(5, h_kv, 256, 32, generator=g) * 2, torch.randn(5, h_kv, 256, 32, generator=g)
+    mask = torch.rand(5, 1, 1, 256, generator=g) > 0.4
     mask[..., -1] = True
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != h_kv)
     half = [t.bfloat16() for t in (q, k, v)]
@@ -168,9 +168,14 @@ def test_bf16_decoding_attention_on_cpu_is_as_close_to_float32_as_sdpa_bf16(head
     assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
     assert (ours.float() - exact).abs().max() <= 3 * (sdpa.float() - exact).abs().max()
     assert torch.equal(attend(q, k, v, mask), exact)  # float32: SDPA itself
+    assert not torch.equal(ours, sdpa)  # the matmul path was taken
     k2 = k.bfloat16().clone()
-    k2[~mask[:, 0, 0].unsqueeze(1).expand(5, h_kv, 40)] = 1e4  # masked keys may hold anything
+    k2[~mask[:, 0, 0].unsqueeze(1).expand(5, h_kv, 256)] = 1e4  # masked keys may hold anything
     assert torch.equal(attend(half[0], k2, half[2], mask), ours)
+    small = [t[:1, :, :64] for t in half]  # few keys: SDPA's one call
+    assert torch.equal(attend(*small, mask[:1, ..., :64]),
+                       torch.nn.functional.scaled_dot_product_attention(*small, attn_mask=mask[:1, ..., :64],
+                                                                        enable_gqa=h != h_kv))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "modern"])

@@ -139,16 +139,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ``h_kv``: grouped-query heads share theirs); ``mask`` boolean, broadcast to ``(B, 1, T, S)`` (True = may
     attend), or None for plain causal attention. Returns ``(B, h, T, hd)``.
 
-    ``scaled_dot_product_attention``, except for a decoding step (one query per row) in bf16 on a CPU: there
-    SDPA's kernel converts block by block and is 3–8× slower than two matmuls (gpt2 shape, 16 rows: ~2.9 vs
-    ~0.35 ms per layer), so the step is computed as Hugging Face's eager attention does — scores from a bf16
-    matmul (float32 accumulation, rounded to bf16), softmax in float32, weights back in bf16 for the product
-    with the values. Its error against float32 attention is about twice SDPA's bf16 kernel's, far below what
-    bf16 weights and activations already add to the logits.
+    ``scaled_dot_product_attention``, except for a decoding step (one query per row) in bf16 on a CPU over
+    32k+ key elements: there SDPA's kernel converts block by block and is 2–8× slower than two matmuls (gpt2
+    shape, 16 rows: ~2.9 vs ~0.7 ms per layer). That step is computed as Hugging Face's eager attention does:
+    scores from a bf16 matmul (float32 accumulation, rounded to bf16), softmax in float32, weights back in bf16
+    for the product with the values. Its error against float32 attention is about twice SDPA's bf16 kernel's,
+    far below what bf16 weights and activations already add to the logits.
     """
     B, h, T, hd = q.shape
     h_kv = k.shape[1]
-    if T == 1 and mask is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
+    if T == 1 and mask is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0 \
+            and k.numel() >= 32768:  # below, SDPA's one call beats the matmuls' per-op overhead
         grouped = q.reshape(B, h_kv, h // h_kv, hd)  # (B, h_kv, g, hd): a group's queries together
         # k·qᵀ, not q·kᵀ: a cache's keys are a strided view, which bmm copies when it is the transposed operand
         scores = (k @ grouped.transpose(-1, -2)).transpose(-1, -2).float() * hd**-0.5  # (B, h_kv, g, S)
