@@ -118,7 +118,7 @@ def apply_top_p(logits: torch.Tensor, one_minus_top_p: torch.Tensor) -> torch.Te
     edge_start = ((edge + lowest) << shift).int().view(torch.float32)  # the edge bucket's smallest probability
     edge_end = ((edge + lowest + 1) << shift).int().view(torch.float32)
     remove = probs < edge_start
-    # the edge bucket's tokens, ranked row by row: (row, probability) ordered by row + probability ∈ [row, row+1]
+    # the edge bucket's tokens, ranked row by row: the key 2·row + probability orders by row, then probability
     rows, cols = ((probs < edge_end) & ~remove).nonzero(as_tuple=True)
     values = probs[rows, cols].double()
     order = torch.argsort(values + 2 * rows)
