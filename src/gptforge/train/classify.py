@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from gptforge.train import lora as L
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,
+    FineTuneRun,
     LogConfig,
     OptimConfig,
     RunDir,
@@ -54,7 +55,6 @@ from gptforge.train.core import (
     finished_message,
     load_base_model,
     optimizer_step,
-    require_at_least_one,
     restore_checkpoint,
     save_training_checkpoint,
     setup_runtime,
@@ -63,7 +63,6 @@ from gptforge.train.core import (
 )
 from gptforge.train.lora import LoraSection
 from gptforge.train.nonfinite import NonFiniteGuard
-from gptforge.train.sft import migrate_base_key
 
 __all__ = [
     "Classifier",
@@ -98,12 +97,9 @@ class ClassifyTrainConfig(TrainCommon):
 
 
 @dataclass
-class ClassifyConfig:
-    base: str = ""  # the model to fine-tune: step dir, run dir or Hugging Face GPT-2 directory (--checkpoint)
+class ClassifyConfig(FineTuneRun):
+    STAGE: ClassVar[str] = "classify"
     name: str = "classify"
-    out_dir: str = "runs"
-    overwrite: bool = False  # start over in a run directory that already has checkpoints
-    tokenizer: str | None = None  # only when the checkpoint carries none
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, schedule="constant", min_lr_ratio=0.0))
@@ -111,25 +107,11 @@ class ClassifyConfig:
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoraSection = field(default_factory=LoraSection)  # r > 0: LoRA adapters + the head (train.trainable unused)
 
-    @staticmethod
-    def migrate(data: dict) -> dict:
-        """Old spellings → shared sections (``checkpoint: PATH`` is now ``base``)."""
-        return migrate_base_key(data, "classify")
-
     def validate(self) -> ClassifyConfig:
-        if not self.base:
-            raise GptforgeError("classify needs a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)")
-        if not self.data.path:
-            raise GptforgeError("classify needs labelled data: --data FILE (TSV, CSV or JSONL)")
-        if len(self.data.split) != 3:
-            raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
-        t = self.train
-        require_at_least_one(t, "train", ("epochs", "batch_size", "eval_batch_size", "last_k"), ("max_steps", "eval_every"))
-        require_at_least_one(self.data, "data", (), ("limit",))
-        t.validate_common()
-        self.optim.validate()
-        self.checkpoint.validate()
-        self.lora.validate()
+        self.check_run("a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)", bool(self.data.path),
+                       "labelled data: --data FILE (TSV, CSV or JSONL)",
+                       ("epochs", "batch_size", "eval_batch_size", "last_k"), ("max_steps", "eval_every"), ("limit",))
+        self.check_sections()
         return self
 
 

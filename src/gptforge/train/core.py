@@ -37,9 +37,11 @@ from gptforge.train.metrics import MetricsLog, plot_metrics
 from gptforge.train.optim import configure_muon, configure_optimizer, set_lr
 from gptforge.train.sections import (  # noqa: F401  (re-exported: the stages import them from here)
     CheckpointConfig,
+    FineTuneRun,
     LogConfig,
     OptimConfig,
     TrainCommon,
+    migrate_base_key,
     migrate_legacy_keys,
     require_at_least_one,
 )

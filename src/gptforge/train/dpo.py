@@ -35,7 +35,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -51,6 +51,7 @@ from gptforge.train import lora as L
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,
+    FineTuneRun,
     LogConfig,
     OptimConfig,
     RunDir,
@@ -62,7 +63,6 @@ from gptforge.train.core import (
     finished_message,
     load_base_model,
     optimizer_step,
-    require_at_least_one,
     restore_checkpoint,
     save_training_checkpoint,
     setup_runtime,
@@ -79,7 +79,7 @@ from gptforge.train.dpo_loss import (
 )
 from gptforge.train.lora import LoraSection
 from gptforge.train.nonfinite import NonFiniteGuard
-from gptforge.train.sft import migrate_base_key, prepare_chat_model
+from gptforge.train.sft import prepare_chat_model
 
 __all__ = ["DPOConfig", "DPODataConfig", "DPOLossConfig", "DPOResult", "DPOTrainConfig", "run_dpo"]
 
@@ -115,12 +115,9 @@ class DPOTrainConfig(TrainCommon):
 
 
 @dataclass
-class DPOConfig:
-    base: str = ""  # the model to tune (an SFT checkpoint): step dir, run dir or HF GPT-2 directory (--checkpoint)
-    name: str = "dpo"
-    out_dir: str = "runs"
-    overwrite: bool = False  # start over in a run directory that already has checkpoints
-    tokenizer: str | None = None  # only when the checkpoint carries none
+class DPOConfig(FineTuneRun):
+    STAGE: ClassVar[str] = "dpo"
+    name: str = "dpo"  # base: the model to tune, an SFT checkpoint
     data: DPODataConfig = field(default_factory=DPODataConfig)
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
@@ -129,30 +126,15 @@ class DPOConfig:
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoraSection = field(default_factory=LoraSection)  # r > 0: train LoRA adapters (gptforge.train.lora)
 
-    @staticmethod
-    def migrate(data: dict) -> dict:
-        return migrate_base_key(data, "dpo")
-
     def validate(self) -> DPOConfig:
-        if not self.base:
-            raise GptforgeError("dpo needs a starting model: --checkpoint DIR (an SFT run or checkpoint)")
-        if not self.data.sources:
-            raise GptforgeError("dpo needs preference data: --data FILE_OR_HUB_NAME (repeat for several sources)")
-        if len(self.data.split) != 3:
-            raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
-        t = self.train
-        require_at_least_one(t, "train", ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-                             ("max_steps", "eval_every", "patience"))
-        require_at_least_one(self.data, "data", (), ("limit", "max_len"))
-        if t.patience is not None and self.data.split[1] <= 0:
-            raise GptforgeError("early stopping (train.patience) needs a validation split: data.split[1] > 0")
-        if t.best_by not in ("loss", "reward_accuracy"):
-            raise GptforgeError(f"train.best_by must be loss or reward_accuracy, got {t.best_by!r}")
-        t.validate_common()
+        self.check_run("a starting model: --checkpoint DIR (an SFT run or checkpoint)", bool(self.data.sources),
+                       "preference data: --data FILE_OR_HUB_NAME (repeat for several sources)",
+                       ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
+                       ("max_steps", "eval_every", "patience"), ("limit", "max_len"))
+        if self.train.best_by not in ("loss", "reward_accuracy"):
+            raise GptforgeError(f"train.best_by must be loss or reward_accuracy, got {self.train.best_by!r}")
         self.dpo.validate()
-        self.optim.validate()
-        self.checkpoint.validate()
-        self.lora.validate()
+        self.check_sections()
         return self
 
 

@@ -1,6 +1,7 @@
 """The config sections every training stage shares: :class:`OptimConfig` (optimizer and LR schedule),
-:class:`TrainCommon` (the common ``train`` keys), :class:`CheckpointConfig`, :class:`LogConfig`, the migration of old
-key spellings and small validation helpers. :mod:`gptforge.train.core` re-exports them.
+:class:`TrainCommon` (the common ``train`` keys), :class:`CheckpointConfig`, :class:`LogConfig`, :class:`FineTuneRun`
+(the top of every fine-tuning config), the migration of old key spellings and small validation helpers.
+:mod:`gptforge.train.core` re-exports them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from gptforge.errors import GptforgeError
 from gptforge.precision import PRECISIONS
@@ -184,3 +186,52 @@ def require_at_least_one(section, where: str, names: tuple[str, ...], optional: 
         if (value is not None or name in names) and (value is None or value < 1):
             raise GptforgeError(f"{where}.{name} must be >= 1" + (" (or unset)" if name in optional else "")
                                 + f", got {value}")
+
+
+def migrate_base_key(data: dict, stage: str) -> dict:
+    """The base model used to be the top-level ``checkpoint`` key (now the checkpointing section): → ``base``."""
+    if isinstance(data.get("checkpoint"), str):
+        data = {**data, "base": data["checkpoint"]}
+        del data["checkpoint"]
+        print(f"gptforge: warning: {stage}: the top-level key checkpoint (the base model) is deprecated; use base")
+    return migrate_legacy_keys(data, stage)
+
+
+@dataclass
+class FineTuneRun:
+    """The top of every fine-tuning config (``sft``, ``dpo``, ``classify``): the starting model and the run
+    directory, the migration of old spellings and the checks they share. A stage subclasses it, sets
+    :attr:`STAGE` and adds its sections (``data``, ``train``, ``optim``, ``checkpoint``, ``log``, ``lora``, ...)."""
+
+    STAGE: ClassVar[str] = ""
+    base: str = ""  # the model to fine-tune: step dir, run dir or Hugging Face GPT-2 directory (--checkpoint)
+    name: str = ""
+    out_dir: str = "runs"
+    overwrite: bool = False  # start over in a run directory that already has checkpoints
+    tokenizer: str | None = None  # only when the checkpoint carries none
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        """Old spellings → shared sections (``checkpoint: PATH`` is now ``base``)."""
+        return migrate_base_key(data, cls.STAGE)
+
+    def check_run(self, base_needed: str, data_given: bool, data_needed: str, train_keys: tuple[str, ...],
+                  train_optional: tuple[str, ...], data_optional: tuple[str, ...]) -> None:
+        """The checks before a stage's own: a base model, data, a train/val/test split, positive sizes."""
+        if not self.base:
+            raise GptforgeError(f"{self.STAGE} needs {base_needed}")
+        if not data_given:
+            raise GptforgeError(f"{self.STAGE} needs {data_needed}")
+        if len(self.data.split) != 3:
+            raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
+        require_at_least_one(self.train, "train", train_keys, train_optional)
+        require_at_least_one(self.data, "data", (), data_optional)
+        if getattr(self.train, "patience", None) is not None and self.data.split[1] <= 0:
+            raise GptforgeError("early stopping (train.patience) needs a validation split: data.split[1] > 0")
+
+    def check_sections(self) -> None:
+        """The shared sections' own checks, after the stage's."""
+        self.train.validate_common()
+        self.optim.validate()
+        self.checkpoint.validate()
+        self.lora.validate()

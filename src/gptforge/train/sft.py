@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ from gptforge.train import lora as L
 from gptforge.train.core import (
     BestKeeper,
     CheckpointConfig,
+    FineTuneRun,
     LogConfig,
     OptimConfig,
     RunDir,
@@ -58,9 +59,7 @@ from gptforge.train.core import (
     finish_with_best,
     finished_message,
     load_base_model,
-    migrate_legacy_keys,
     optimizer_step,
-    require_at_least_one,
     restore_checkpoint,
     save_training_checkpoint,
     set_dropout,
@@ -126,12 +125,9 @@ class SFTGenerateConfig:
 
 
 @dataclass
-class SFTConfig:
-    base: str = ""  # the model to fine-tune: step dir, run dir or Hugging Face GPT-2 directory (--checkpoint)
+class SFTConfig(FineTuneRun):
+    STAGE: ClassVar[str] = "sft"
     name: str = "sft"
-    out_dir: str = "runs"
-    overwrite: bool = False  # start over in a run directory that already has checkpoints
-    tokenizer: str | None = None  # only when the checkpoint carries none
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.03))
@@ -140,40 +136,15 @@ class SFTConfig:
     generate: SFTGenerateConfig = field(default_factory=SFTGenerateConfig)
     lora: LoraSection = field(default_factory=LoraSection)  # r > 0: train LoRA adapters (gptforge.train.lora)
 
-    @staticmethod
-    def migrate(data: dict) -> dict:
-        """Old spellings → shared sections (``checkpoint: PATH`` is now ``base``)."""
-        return migrate_base_key(data, "sft")
-
     def validate(self) -> SFTConfig:
-        if not self.base:
-            raise GptforgeError("sft needs a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)")
-        if not self.data.sources:
-            raise GptforgeError("sft needs data: --data FILE_OR_HUB_NAME (repeat for several sources)")
-        if len(self.data.split) != 3:
-            raise GptforgeError(f"data.split takes train/val/test fractions, got {self.data.split}")
-        t = self.train
-        require_at_least_one(t, "train", ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-                             ("max_steps", "eval_every", "patience"))
-        require_at_least_one(self.data, "data", (), ("limit",))
-        if t.neftune_alpha < 0:
-            raise GptforgeError(f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}")
-        if t.patience is not None and self.data.split[1] <= 0:
-            raise GptforgeError("early stopping (train.patience) needs a validation split: data.split[1] > 0")
-        t.validate_common()
-        self.optim.validate()
-        self.checkpoint.validate()
-        self.lora.validate()
+        self.check_run("a base checkpoint: --checkpoint DIR (step dir, run dir or HF directory)",
+                       bool(self.data.sources), "data: --data FILE_OR_HUB_NAME (repeat for several sources)",
+                       ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
+                       ("max_steps", "eval_every", "patience"), ("limit",))
+        if self.train.neftune_alpha < 0:
+            raise GptforgeError(f"train.neftune_alpha must be >= 0, got {self.train.neftune_alpha}")
+        self.check_sections()
         return self
-
-
-def migrate_base_key(data: dict, stage: str) -> dict:
-    """The base model used to be the top-level ``checkpoint`` key (now the checkpointing section): → ``base``."""
-    if isinstance(data.get("checkpoint"), str):
-        data = {**data, "base": data["checkpoint"]}
-        del data["checkpoint"]
-        print(f"gptforge: warning: {stage}: the top-level key checkpoint (the base model) is deprecated; use base")
-    return migrate_legacy_keys(data, stage)
 
 
 @dataclass
