@@ -20,7 +20,6 @@ import importlib
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_loop import cpu_info  # the house machine report
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,19 +101,11 @@ def time_interleaved(fns: dict, repeats: int, warmup: dict | None = None) -> tup
 
 
 def cpu_summary() -> str:
-    """CPU model and the flags that decide bf16 speed (AVX2, AVX512-BF16, AMX)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    have = [f for f, key in (("AVX2", "avx2"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile")) if key in flags]
-    return f"{model} ({', '.join(have) or 'flags unknown'}; {os.cpu_count()} cores)"
+    """CPU model and the flags that decide bf16 speed (AVX2, AVX512-BF16, AMX), from the house machine report."""
+    info = cpu_info()
+    have = [name for name, key in (("AVX2", "avx2"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+            if info["flags"][key]]
+    return f"{info['model']} ({', '.join(have) or 'flags unknown'}; {info['cores']} cores)"
 
 
 def main() -> None:

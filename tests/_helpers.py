@@ -141,6 +141,20 @@ def pretrain_tiny_base(data_dir: Path, directory: Path) -> Path:
     return directory
 
 
+def prefix_space_bpe(data_dir: Path):
+    """A small BPE whose pre-tokenization (a prefix space) tiktoken cannot reproduce: prepared through HF
+    tokenizers."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    from gptforge.tokenizer import BPETokenizer, train_bpe
+
+    base = train_bpe([(data_dir / "pretrain/the-verdict.txt").read_text()], vocab_size=400)
+    hf = HFTokenizer.from_str(base._tok.to_str())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    return BPETokenizer(hf, name="prefix-space")
+
+
 # ---- inference: a tiny chat model and a live server (engine, engine CLI, serve, browser) ------------------
 
 
@@ -161,6 +175,24 @@ def tiny_model(seed: int = 0, block_size: int = 96, chat_tokens: bool = True):
                 p.normal_(0, 0.3)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
+    return model.eval(), tok
+
+
+def modern_chat_model(block_size: int = 96):
+    """A 2-layer modern model (GQA: 2 key/value heads for 4 query heads, QK-norm) over the GPT-2 vocabulary
+    (+ chat tokens), with weights large enough that greedy choices are never near-ties."""
+    from gptforge.model_modern import ModernConfig, ModernGPT
+    from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
+
+    tok = TiktokenTokenizer()
+    tok.add_special_tokens([IM_START, IM_END])
+    torch.manual_seed(0)
+    model = ModernGPT(ModernConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
+                                   n_kv_head=2, n_embd=32, qk_norm=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
     return model.eval(), tok
 
 

@@ -103,3 +103,16 @@ def make_tiny_model(data_dir):
 def live_server():
     """``live_server(app) -> LiveServer``: uvicorn on a free loopback port in a thread; call ``.close()``."""
     return _helpers.LiveServer
+
+
+@pytest.fixture(scope="session")
+def modern_chat_model():
+    """``modern_chat_model(block_size=96) -> (model, tokenizer)``: a 2-layer modern model (GQA, QK-norm) over the
+    GPT-2 vocabulary (+ chat tokens) with no near-tie greedy choices."""
+    return _helpers.modern_chat_model
+
+
+@pytest.fixture(scope="session")
+def prefix_space_bpe(data_dir):
+    """A small BPE with a prefix-space pre-tokenizer (one tiktoken cannot reproduce: prepared through HF)."""
+    return _helpers.prefix_space_bpe(data_dir)

@@ -158,24 +158,11 @@ def test_random_arrivals_through_every_join_and_leave_path_match_generate_alone(
         assert (done[i].token_ids, done[i].finish_reason) == (alone.token_ids, alone.finish_reason), i
 
 
-def test_the_modern_family_with_grouped_kv_heads_gets_its_tokens_alone():
+def test_the_modern_family_with_grouped_kv_heads_gets_its_tokens_alone(modern_chat_model):
     """RoPE positions from the mask and a cache with fewer key/value heads than query heads, through every
     join and leave."""
-    import torch
-
-    from gptforge.model_modern import ModernConfig, ModernGPT
-    from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
-
-    tok = TiktokenTokenizer()
-    tok.add_special_tokens([IM_START, IM_END])
-    torch.manual_seed(0)
-    model = ModernGPT(ModernConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                                   n_embd=32, qk_norm=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    eng = Engine(model.eval(), tok)
+    model, tok = modern_chat_model(block_size=64)
+    eng = Engine(model, tok)
     params = [greedy(n) for n in (20, 6, 30, 12)]
     prompts = PROMPTS[:4]
     alone = [eng.generate([p], q)[0] for p, q in zip(prompts, params)]

@@ -286,17 +286,9 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
         prepare(PrepareConfig([str(bad)], str(tmp_path / "e"), workers=1, skip_bad=True, progress=False))
 
 
-def test_tokenizer_without_tiktoken_form_is_prepared_through_hf(data_dir, tmp_path):
+def test_tokenizer_without_tiktoken_form_is_prepared_through_hf(data_dir, tmp_path, prefix_space_bpe):
     """A BPE whose pre-tokenization tiktoken cannot reproduce (prefix space) goes through HF tokenizers."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import pre_tokenizers
-
-    from gptforge.tokenizer import BPETokenizer
-
-    base = train_bpe([(data_dir / "pretrain/the-verdict.txt").read_text()], vocab_size=400)
-    hf = HFTokenizer.from_str(base._tok.to_str())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok = BPETokenizer(hf, name="prefix-space")
+    tok = prefix_space_bpe
     assert prep.encoder_payload(tok)[0] == "hf"
     path = data_dir / "pretrain/tinystories-5.txt"
     prepare(

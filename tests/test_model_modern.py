@@ -123,21 +123,10 @@ def test_presets_match_their_gpt2_counterparts_in_parameters():
 
 
 @pytest.fixture(scope="module")
-def chat_model():
+def chat_model(modern_chat_model):
     """A 2-layer modern model (GQA, QK-norm) over the GPT-2 vocabulary + chat tokens, with weights large enough
     that greedy choices are never near-ties."""
-    from gptforge.tokenizer import IM_END, IM_START, TiktokenTokenizer
-
-    tok = TiktokenTokenizer()
-    tok.add_special_tokens([IM_START, IM_END])
-    torch.manual_seed(0)
-    model = ModernGPT(ModernConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
-                                   n_embd=32, qk_norm=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model.eval(), tok
+    return modern_chat_model(block_size=96)
 
 
 def test_engine_greedy_batch_equals_argmax_of_full_forward(chat_model):

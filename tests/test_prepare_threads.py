@@ -12,7 +12,7 @@ from gptforge.data.prepare import PrepareConfig, prepare
 from gptforge.data.shards import list_shards, read_shard
 from gptforge.errors import GptforgeError
 from gptforge.io import sha256_file
-from gptforge.tokenizer import load_tokenizer, train_bpe
+from gptforge.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +99,9 @@ def test_an_error_in_a_tokenizing_thread_surfaces_and_stops_the_threads(corpus, 
     assert threading.active_count() == before
 
 
-def test_hf_tokenizer_on_threads_matches_its_own_encode(data_dir, tmp_path):
+def test_hf_tokenizer_on_threads_matches_its_own_encode(data_dir, tmp_path, prefix_space_bpe):
     """A BPE tiktoken cannot reproduce (prefix space) goes through HF tokenizers: 1 and 3 threads, same ids."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import pre_tokenizers
-
-    from gptforge.tokenizer import BPETokenizer
-
-    base = train_bpe([(data_dir / "pretrain/the-verdict.txt").read_text()], vocab_size=400)
-    hf = HFTokenizer.from_str(base._tok.to_str())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok = BPETokenizer(hf, name="prefix-space")
+    tok = prefix_space_bpe
     assert prep.encoder_payload(tok)[0] == "hf"
     path = data_dir / "pretrain/tinystories-sample.txt"
     for workers in (1, 3):

@@ -243,6 +243,17 @@ class Scheduler:
 
         return on_token, on_finish, on_logprob if job.tokens is not None else None
 
+    def _first_waiting(self) -> Job | None:
+        """The oldest queued request still wanted; those that gave up (or timed out, or the server is stopping)
+        while waiting are dropped from the queue on the way. Call holding ``self._cond``."""
+        while self._waiting:
+            job = self._waiting[0]
+            if not job.should_stop():
+                return job
+            self._waiting.pop(0)
+            job.emit("done", None)
+        return None
+
     # ---- static batching -------------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Job]:
@@ -250,12 +261,7 @@ class Scheduler:
             while not self._waiting and not self._stopped:
                 self._cond.wait()
             batch, rows = [], 0
-            while self._waiting:
-                job = self._waiting[0]
-                if job.should_stop():  # gave up (or timed out, or the server is stopping) while waiting
-                    self._waiting.pop(0)
-                    job.emit("done", None)
-                    continue
+            while (job := self._first_waiting()) is not None:
                 if batch and rows + len(job.prompts) > self.max_batch_rows:
                     break
                 batch.append(self._waiting.pop(0))
@@ -332,12 +338,7 @@ class Scheduler:
         """Let queued requests into the batch, oldest first, while their rows fit ``max_batch_rows``."""
         with self._cond:
             joined = False
-            while self._waiting:
-                job = self._waiting[0]
-                if job.should_stop():  # gave up (or timed out, or the server is stopping) while waiting
-                    self._waiting.pop(0)
-                    job.emit("done", None)
-                    continue
+            while (job := self._first_waiting()) is not None:
                 if batch.rows and batch.rows + len(job.prompts) > self.max_batch_rows:
                     break
                 self._waiting.pop(0)
